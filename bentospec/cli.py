@@ -1,0 +1,105 @@
+"""``bentospec`` command line: models, profiles, benchmark, autotuner, lossless check.
+
+Each command group registers its own sub-parser (``add_parser``) and handler (``run``), so a
+command lives next to the code it drives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from bentospec.engine_args import engine_kwargs
+from bentospec.model_store import resolve_model
+from bentospec.profile import ProfileError, list_profiles, load_profile
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    models = sub.add_parser("models", help="prepare the models a profile needs")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    prepare = models_sub.add_parser(
+        "prepare", help="build offline models / download hub models of a profile (idempotent)"
+    )
+    prepare.add_argument("--profile", default="cpu", help="profile name (default: cpu)")
+    prepare.set_defaults(handler=_models_prepare)
+
+
+def _models_prepare(args: argparse.Namespace) -> int:
+    for ref in load_profile(args.profile).model_refs():
+        print(f"{ref} -> {resolve_model(ref)}")
+    return 0
+
+
+def _add_profiles(sub: argparse._SubParsersAction) -> None:
+    profiles = sub.add_parser("profiles", help="list, show and check hardware profiles")
+    profiles_sub = profiles.add_subparsers(dest="profiles_command", required=True)
+    profiles_sub.add_parser("list", help="profile names and descriptions").set_defaults(
+        handler=_profiles_list
+    )
+    show = profiles_sub.add_parser("show", help="resolved vLLM engine arguments of a profile")
+    show.add_argument("name")
+    show.set_defaults(handler=_profiles_show)
+    check = profiles_sub.add_parser("check", help="validate one profile, or all of them")
+    check.add_argument("name", nargs="?")
+    check.set_defaults(handler=_profiles_check)
+
+
+def _profiles_list(_: argparse.Namespace) -> int:
+    for name in list_profiles():
+        try:
+            print(f"{name:16} {load_profile(name).description}")
+        except ProfileError as exc:
+            print(f"{name:16} INVALID: {exc}")
+    return 0
+
+
+def _profiles_show(args: argparse.Namespace) -> int:
+    profile = load_profile(args.name)
+    print(json.dumps(engine_kwargs(profile), indent=2, sort_keys=True))
+    return 0
+
+
+def _profiles_check(args: argparse.Namespace) -> int:
+    from bentospec.validation import check_profile
+
+    names = [args.name] if args.name else list_profiles()
+    failed = 0
+    for name in names:
+        try:
+            report = check_profile(load_profile(name))
+        except ProfileError as exc:
+            failed += 1
+            print(f"FAIL {name}: {exc}")
+            continue
+        print(f"ok   {name}: {report}")
+    print(f"{len(names) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bentospec", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_models(sub)
+    _add_profiles(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.handler(args)
+    except ProfileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Speculative-decoding figures: counters from vLLM and the ratios derived from them.
+
+Acceptance rate = accepted / drafted tokens; mean acceptance length = 1 + accepted / drafts
+(tokens emitted per verification step, the bonus token included), as vLLM defines them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+#: vLLM's Prometheus counter names (without the ``_total`` suffix).
+DRAFTS = "vllm:spec_decode_num_drafts"
+DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
+ACCEPTED_TOKENS = "vllm:spec_decode_num_accepted_tokens"
+
+
+class SpecCounters(BaseModel):
+    """Spec-decode counters over some span: one request, or the engine since a snapshot."""
+
+    model_config = ConfigDict(frozen=True)
+
+    #: Verification steps that carried draft tokens.
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def mean_acceptance_length(self) -> float | None:
+        return 1 + self.accepted_tokens / self.drafts if self.drafts else None
+
+    def __sub__(self, earlier: SpecCounters) -> SpecCounters:
+        return SpecCounters(
+            drafts=self.drafts - earlier.drafts,
+            draft_tokens=self.draft_tokens - earlier.draft_tokens,
+            accepted_tokens=self.accepted_tokens - earlier.accepted_tokens,
+        )
+
+    @classmethod
+    def from_request(cls, summary: Mapping[str, Any]) -> SpecCounters:
+        """From vLLM's per-request ``RequestSpecDecodeMetrics.to_dict()``."""
+        return cls(
+            drafts=summary.get("num_spec_steps", 0),
+            draft_tokens=summary.get("num_draft_tokens", 0),
+            accepted_tokens=summary.get("num_accepted_draft_tokens", 0),
+        )
+
+    @classmethod
+    def from_samples(cls, samples: Iterable[tuple[str, float]]) -> SpecCounters:
+        """From (metric name, value) samples, summed over label sets (engines, models)."""
+        totals = {DRAFTS: 0.0, DRAFT_TOKENS: 0.0, ACCEPTED_TOKENS: 0.0}
+        for name, value in samples:
+            key = name.removesuffix("_total")
+            if key in totals:
+                totals[key] += value
+        return cls(
+            drafts=int(totals[DRAFTS]),
+            draft_tokens=int(totals[DRAFT_TOKENS]),
+            accepted_tokens=int(totals[ACCEPTED_TOKENS]),
+        )
+
+    @classmethod
+    def from_prometheus_text(cls, text: str) -> SpecCounters:
+        """From a Prometheus text exposition (a service's ``/metrics``)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return cls.from_samples(
+            (sample.name, sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        )

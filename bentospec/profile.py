@@ -1,0 +1,280 @@
+"""Hardware profiles: one YAML file in ``configs/`` per hardware target.
+
+A profile says which target model to serve, how to speculate (method, draft model, number of
+speculative tokens) and which vLLM engine arguments fit the hardware. It is validated here, at
+the boundary, so that a typo fails with the file and key named instead of deep inside vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+#: Where the profile catalogue lives; ``BENTOSPEC_CONFIG_DIR`` overrides it (tests, custom
+#: catalogues).
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Profile names are file stems: lower-case words joined by dashes, so that a name can never
+# be a path (no "/", no "..") and always maps to exactly one file in the catalogue.
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+#: Speculative methods a profile may name (a subset of vLLM 0.32's ``SpeculativeMethod``).
+SpeculativeMethod = Literal[
+    "ngram",
+    "suffix",
+    "draft_model",
+    "eagle",
+    "eagle3",
+    "medusa",
+    "mlp_speculator",
+    "mtp",
+    "deepseek_mtp",
+    "qwen3_next_mtp",
+    "qwen3_5_mtp",
+    "glm4_moe_mtp",
+    "mimo_mtp",
+    "ernie_mtp",
+]
+#: Methods that propose tokens from the prompt/history and so need no draft weights.
+MODEL_FREE_METHODS = frozenset({"ngram", "suffix"})
+
+
+class ProfileError(ValueError):
+    """A profile is missing, malformed or inconsistent; the message names file, key and fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HardwareSpec(_Strict):
+    """The machine a profile is written for: drives auto-detection and Bento resources."""
+
+    accelerator: Literal["cpu", "cuda"] = "cpu"
+    gpu_count: Annotated[int, Field(ge=0)] = 0
+    #: Memory of one GPU in GiB; the memory check uses it with ``gpu_memory_utilization``.
+    gpu_memory_gib: Annotated[float, Field(gt=0)] | None = None
+    #: BentoCloud ``resources.gpu_type`` (for example ``nvidia-l4``).
+    gpu_type: str | None = None
+    #: Substrings of the CUDA device name this profile fits (``"L4"``, ``"H100"``).
+    gpu_names: tuple[str, ...] = ()
+
+    def bento_resources(self) -> dict[str, Any]:
+        """``@bentoml.service(resources=...)`` for this hardware (what BentoCloud schedules on)."""
+        if self.accelerator == "cpu":
+            return {"cpu": "2", "memory": "8Gi"}
+        resources: dict[str, Any] = {"gpu": self.gpu_count}
+        if self.gpu_type:
+            resources["gpu_type"] = self.gpu_type
+        return resources
+
+    @model_validator(mode="after")
+    def _gpu_fields_match_accelerator(self) -> Self:
+        if self.accelerator == "cuda" and (self.gpu_count < 1 or self.gpu_memory_gib is None):
+            raise ValueError("a cuda profile needs gpu_count >= 1 and gpu_memory_gib")
+        if self.accelerator == "cpu" and self.gpu_count:
+            raise ValueError("a cpu profile must have gpu_count 0")
+        return self
+
+
+class ModelSpec(_Strict):
+    """The target model."""
+
+    #: Hugging Face repo id, local directory, or ``bentospec:<name>`` for a model built offline.
+    id: Annotated[str, Field(min_length=1)]
+    revision: str | None = None
+    #: Name clients use in the OpenAI API (``model`` field); defaults to the profile's ``id``.
+    served_model_name: str | None = None
+    trust_remote_code: bool = False
+
+
+#: One step of a batch-size schedule: (first batch size, last batch size, speculative tokens).
+BatchSizeStep = tuple[
+    Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=0)]
+]
+
+
+class SpeculativeSpec(_Strict):
+    """How to speculate; mirrors the keys of vLLM's ``--speculative-config``."""
+
+    method: SpeculativeMethod
+    #: Draft model / EAGLE head / MTP weights: repo id, local directory or ``bentospec:<name>``.
+    model: str | None = None
+    num_speculative_tokens: Annotated[int, Field(ge=1, le=16)]
+    prompt_lookup_min: Annotated[int, Field(ge=1)] | None = None
+    prompt_lookup_max: Annotated[int, Field(ge=1)] | None = None
+    draft_tensor_parallel_size: Annotated[int, Field(ge=1)] | None = None
+    #: Speculate fewer (or zero) tokens as the batch grows, where verification stops paying.
+    num_speculative_tokens_per_batch_size: tuple[BatchSizeStep, ...] | None = None
+    use_heterogeneous_vocab: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "disable_by_batch_size" in data:
+            raise ValueError(
+                "disable_by_batch_size was removed from vLLM; use "
+                "num_speculative_tokens_per_batch_size, e.g. [[1, 8, 4], [9, 32, 2], [33, 1024, 0]]"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _method_settings_are_consistent(self) -> Self:
+        if self.method in MODEL_FREE_METHODS:
+            if self.model is not None:
+                raise ValueError(f"method {self.method!r} takes no draft model: remove 'model'")
+        elif self.model is None:
+            raise ValueError(f"method {self.method!r} needs 'model' (draft/EAGLE/MTP weights)")
+        if self.method != "ngram" and (
+            self.prompt_lookup_min is not None or self.prompt_lookup_max is not None
+        ):
+            raise ValueError("prompt_lookup_min/max only apply to method 'ngram'")
+        if self.method == "ngram" and self.prompt_lookup_max is None:
+            raise ValueError("method 'ngram' needs prompt_lookup_max")
+        lo, hi = self.prompt_lookup_min or 1, self.prompt_lookup_max or 1
+        if lo > hi:
+            raise ValueError(f"prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi})")
+        if self.use_heterogeneous_vocab and self.method != "draft_model":
+            raise ValueError("use_heterogeneous_vocab requires method 'draft_model'")
+        self._check_schedule()
+        return self
+
+    def _check_schedule(self) -> None:
+        steps = self.num_speculative_tokens_per_batch_size
+        if not steps:
+            return
+        expected_start = 1
+        for start, end, k in steps:
+            if start != expected_start or end < start:
+                raise ValueError(
+                    "num_speculative_tokens_per_batch_size must cover batch sizes from 1 upward "
+                    f"without gaps or overlaps; got range [{start}, {end}] "
+                    f"where [{expected_start}, ...] was expected"
+                )
+            if k > self.num_speculative_tokens:
+                raise ValueError(
+                    f"num_speculative_tokens_per_batch_size asks for {k} tokens at batch "
+                    f"{start}-{end}, more than num_speculative_tokens={self.num_speculative_tokens}"
+                )
+            expected_start = end + 1
+
+
+class EngineSpec(_Strict):
+    """The vLLM engine arguments a profile may set (names as in ``vllm.AsyncEngineArgs``)."""
+
+    max_model_len: Annotated[int, Field(ge=16)]
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    max_num_seqs: Annotated[int, Field(ge=1)] = 64
+    max_num_batched_tokens: Annotated[int, Field(ge=1)] | None = None
+    kv_cache_memory_bytes: Annotated[int, Field(ge=1)] | None = None
+    kv_cache_dtype: str = "auto"
+    quantization: str | None = None
+    enable_prefix_caching: bool | None = None
+    enforce_eager: bool = False
+    seed: int = 0
+
+
+class ServingSpec(_Strict):
+    """Service-level limits (BentoML ``traffic``)."""
+
+    #: Requests in flight per worker beyond which BentoML answers 503/429 at once.
+    max_concurrency: Annotated[int, Field(ge=1)] = 32
+    #: Seconds a request may take before BentoML cancels it.
+    timeout: Annotated[int, Field(ge=1)] = 600
+    #: Longest accepted prompt, in characters, checked before tokenizing.
+    max_prompt_chars: Annotated[int, Field(ge=1)] = 200_000
+
+
+class Profile(_Strict):
+    """A validated hardware profile."""
+
+    name: str
+    description: str
+    hardware: HardwareSpec = HardwareSpec()
+    model: ModelSpec
+    #: ``None`` serves without speculation.
+    speculative: SpeculativeSpec | None = None
+    engine: EngineSpec
+    serving: ServingSpec = ServingSpec()
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model.served_model_name or self.model.id
+
+    def model_refs(self) -> list[str]:
+        """The target reference, then the draft's if the method loads one."""
+        refs = [self.model.id]
+        if self.speculative is not None and self.speculative.model is not None:
+            refs.append(self.speculative.model)
+        return refs
+
+    def without_speculation(self) -> Profile:
+        """The same profile with speculation off: the baseline for speedup and lossless checks."""
+        return self.model_copy(update={"speculative": None})
+
+    def with_engine(self, **changes: Any) -> Profile:
+        """A copy with some engine arguments changed (validated like the file would be)."""
+        engine = EngineSpec.model_validate({**self.engine.model_dump(), **changes})
+        return self.model_copy(update={"engine": engine})
+
+    def with_speculative(self, spec: SpeculativeSpec | None) -> Profile:
+        return self.model_copy(update={"speculative": spec})
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get("BENTOSPEC_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
+
+
+def list_profiles(directory: Path | None = None) -> list[str]:
+    """Names of the profiles in the catalogue, sorted."""
+    directory = directory or config_dir()
+    return sorted(p.stem for p in directory.glob("*.yaml") if _NAME_RE.match(p.stem))
+
+
+def profile_path(name: str, directory: Path | None = None) -> Path:
+    """The file of profile ``name``; refuses anything that is not a catalogue entry."""
+    directory = directory or config_dir()
+    valid = list_profiles(directory)
+    if not _NAME_RE.match(name) or name not in valid:
+        raise ProfileError(
+            f"unknown profile {name!r}: valid profiles in {directory} are {', '.join(valid)}"
+        )
+    return directory / f"{name}.yaml"
+
+
+def load_profile(name: str, directory: Path | None = None) -> Profile:
+    """Load and validate profile ``name`` from the catalogue."""
+    return load_profile_file(profile_path(name, directory))
+
+
+def load_profile_file(path: Path) -> Profile:
+    """Load and validate one profile file; errors name the file and the offending key."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ProfileError(f"{path}: cannot read profile: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: a profile must be a YAML mapping, got {type(data).__name__}")
+    if "name" in data:
+        raise ProfileError(f"{path}: key 'name' is not allowed; the file name is the profile name")
+    try:
+        return Profile.model_validate({"name": path.stem, **data})
+    except ValidationError as exc:
+        raise ProfileError(f"{path}: {format_validation_error(exc)}") from exc
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each naming the dotted key (``engine.max_model_len: ...``)."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{key}: {msg}")
+    return "; ".join(lines)

@@ -1,0 +1,103 @@
+"""bentospec: vLLM speculative decoding as one BentoML service.
+
+Routes: ``/generate`` (streams text), ``/generate_full`` (JSON with speculation stats), the
+OpenAI API (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``) from vLLM's own
+serving layer, and the OPEA ``spec_decode`` routes. The profile comes from
+``--arg profile=NAME``, ``BENTOSPEC_PROFILE`` or the hardware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import bentoml
+from bentoml.exceptions import InvalidArgument, ServiceUnavailable
+from pydantic import BaseModel
+
+from bentospec.auth import APIKeyMiddleware
+from bentospec.engine import EngineStatus, EngineUnavailable, SpecEngine
+from bentospec.generation import RequestRejected, check_request, generate_full, stream_text
+from bentospec.hardware import select_profile
+from bentospec.model_store import is_hub_reference
+from bentospec.opea import build_opea_app
+from bentospec.openai_app import attach, build_openai_app
+from bentospec.prompts import PromptTemplates
+from bentospec.schemas import GenerateRequest, GenerateResult
+
+
+class ServiceArgs(BaseModel):
+    """``bentoml serve/build --arg profile=NAME`` (else ``BENTOSPEC_PROFILE``, else detected)."""
+
+    profile: str | None = None
+
+
+PROFILE = select_profile(bentoml.use_arguments(ServiceArgs).profile)
+openai_app = build_openai_app()
+opea_app = build_opea_app(PromptTemplates())
+
+
+@bentoml.asgi_app(openai_app, path="/", name="openai")
+@bentoml.asgi_app(opea_app, path="/", name="opea")
+@bentoml.service(
+    name="bentospec",
+    resources=PROFILE.hardware.bento_resources(),
+    traffic={
+        "timeout": PROFILE.serving.timeout,
+        "max_concurrency": PROFILE.serving.max_concurrency,
+    },
+    # Gated hub models (Llama) need a token: declared without a value so none lands in the
+    # Bento, and only for profiles that load from the hub (BentoML then requires it at start).
+    envs=[{"name": "HF_TOKEN"}] if any(map(is_hub_reference, PROFILE.model_refs())) else [],
+)
+class BentoSpec:
+    """Serves the profile's target model with its speculative method."""
+
+    def __init__(self) -> None:
+        self.engine = SpecEngine(PROFILE)
+        self._loading: asyncio.Task[None] | None = None
+
+    @bentoml.on_startup
+    async def start_engine(self) -> None:
+        # Load in the background: awaiting here would block every route, /livez included.
+        self._loading = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        await self.engine.start()
+        await attach(openai_app, self.engine)
+        opea_app.state.engine = self.engine
+
+    async def __is_ready__(self) -> bool:
+        return self.engine.status is EngineStatus.READY
+
+    @bentoml.on_shutdown
+    def stop_engine(self) -> None:
+        if self._loading is not None:
+            self._loading.cancel()
+        self.engine.shutdown()
+
+    def _checked(self, request: GenerateRequest) -> None:
+        try:
+            check_request(self.engine, request.prompt, request)
+        except EngineUnavailable as exc:
+            raise ServiceUnavailable(str(exc)) from exc
+        except RequestRejected as exc:
+            raise InvalidArgument(str(exc)) from exc
+
+    @bentoml.api(input_spec=GenerateRequest)
+    async def generate(self, **fields: Any) -> AsyncGenerator[str, None]:
+        """Stream the completion of a raw prompt as text deltas."""
+        request = GenerateRequest.model_construct(**fields)
+        self._checked(request)
+        return stream_text(self.engine, request.prompt, request)
+
+    @bentoml.api(input_spec=GenerateRequest)
+    async def generate_full(self, **fields: Any) -> GenerateResult:
+        """Complete a raw prompt; returns text, token counts and this request's speculation."""
+        request = GenerateRequest.model_construct(**fields)
+        self._checked(request)
+        return await generate_full(self.engine, request.prompt, request)
+
+
+BentoSpec.add_asgi_middleware(APIKeyMiddleware)

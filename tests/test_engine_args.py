@@ -1,0 +1,149 @@
+"""Each profile resolves to the vLLM engine arguments it means, and vLLM accepts them.
+
+Constructing ``AsyncEngineArgs`` starts nothing and reads no model config. With
+``HF_HUB_OFFLINE=1`` (set by conftest) its ``__post_init__`` maps a hub id to a cached snapshot,
+so the arguments are built as ``SpecEngine`` builds them: with resolved local directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, get_args
+
+import pytest
+import vllm
+from vllm.config.speculative import SpeculativeConfig, SpeculativeMethod
+from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+from bentospec.engine_args import engine_kwargs
+from bentospec.profile import DEFAULT_CONFIG_DIR, Profile, list_profiles, load_profile
+
+PROFILES = [load_profile(name, DEFAULT_CONFIG_DIR) for name in list_profiles(DEFAULT_CONFIG_DIR)]
+
+
+def _by_name(name: str) -> Profile:
+    return next(p for p in PROFILES if p.name == name)
+
+
+def _common(**engine: Any) -> dict[str, Any]:
+    """Keys every profile resolves to, with the schema defaults of unset engine arguments."""
+    return {
+        "dtype": "auto",
+        "tensor_parallel_size": 1,
+        "gpu_memory_utilization": 0.9,
+        "kv_cache_dtype": "auto",
+        "enforce_eager": False,
+        "seed": 0,
+        "trust_remote_code": False,
+        "disable_log_stats": False,
+        "per_request_spec_decode_metrics": "summary",
+        **engine,
+    }
+
+
+def test_l4_engine_kwargs() -> None:
+    assert engine_kwargs(_by_name("l4-24gb")) == _common(
+        model="meta-llama/Llama-3.1-8B-Instruct",
+        served_model_name=["llama-3.1-8b-instruct"],
+        max_model_len=8192,
+        max_num_seqs=32,
+        quantization="fp8",
+        speculative_config={
+            "method": "eagle3",
+            "model": "yuhuili/EAGLE3-LLaMA3.1-Instruct-8B",
+            "num_speculative_tokens": 4,
+            "num_speculative_tokens_per_batch_size": [[1, 16, 4], [17, 32, 2]],
+        },
+    )
+
+
+def test_h100x4_engine_kwargs() -> None:
+    assert engine_kwargs(_by_name("h100x4")) == _common(
+        model="meta-llama/Llama-3.3-70B-Instruct",
+        served_model_name=["llama-3.3-70b-instruct"],
+        max_model_len=32768,
+        max_num_seqs=128,
+        tensor_parallel_size=4,
+        speculative_config={
+            "method": "draft_model",
+            "model": "meta-llama/Llama-3.2-1B-Instruct",
+            "num_speculative_tokens": 4,
+            "draft_tensor_parallel_size": 1,
+            "num_speculative_tokens_per_batch_size": [[1, 16, 4], [17, 48, 2], [49, 128, 0]],
+        },
+    )
+
+
+#: Key arguments of the GPU profiles not spelled out in full above: (engine, speculative_config).
+KEY_ARGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "l4-24gb-rag": (
+        {"quantization": "fp8", "max_model_len": 16384, "enable_prefix_caching": True},
+        {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2},
+    ),
+    "a100-80gb": (
+        {"model": "meta-llama/Llama-3.1-8B-Instruct", "max_num_seqs": 128},
+        {"method": "eagle3", "model": "yuhuili/EAGLE3-LLaMA3.1-Instruct-8B"},
+    ),
+    "h100-80gb": (
+        {"model": "meta-llama/Llama-3.1-8B-Instruct", "max_num_seqs": 256},
+        {"method": "eagle3", "model": "yuhuili/EAGLE3-LLaMA3.1-Instruct-8B"},
+    ),
+    "h100-80gb-draft": (
+        {"model": "Qwen/Qwen3-8B", "max_model_len": 32768},
+        {"method": "draft_model", "model": "Qwen/Qwen3-0.6B"},
+    ),
+    "h100x2": (
+        {"tensor_parallel_size": 2, "quantization": "fp8"},
+        {"method": "eagle3", "model": "yuhuili/EAGLE3-LLaMA3.3-Instruct-70B"},
+    ),
+    "h100x4-mtp": (
+        {"model": "zai-org/GLM-4.5-Air", "tensor_parallel_size": 4, "max_model_len": 65536},
+        {"method": "glm4_moe_mtp", "model": "zai-org/GLM-4.5-Air", "num_speculative_tokens": 3},
+    ),
+}
+
+
+@pytest.mark.parametrize(("name", "expected"), KEY_ARGS.items())
+def test_gpu_profile_key_args(name: str, expected: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    engine, speculative = expected
+    kwargs = engine_kwargs(_by_name(name))
+    assert kwargs.items() >= engine.items()
+    assert kwargs["speculative_config"].items() >= speculative.items()
+
+
+def test_every_gpu_profile_is_covered() -> None:
+    covered = {"l4-24gb", "h100x4", *KEY_ARGS}
+    assert {p.name for p in PROFILES if p.hardware.accelerator == "cuda"} == covered
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
+def test_vllm_accepts_engine_args(profile: Profile, tmp_path: Path) -> None:
+    draft = str(tmp_path / "draft") if profile.speculative and profile.speculative.model else None
+    kwargs = engine_kwargs(profile, model=str(tmp_path / "target"), draft_model=draft)
+    for directory in (kwargs["model"], draft):
+        if directory:
+            Path(directory).mkdir()
+    args = vllm.AsyncEngineArgs(**kwargs)
+    assert args.model == str(tmp_path / "target")
+    assert args.tensor_parallel_size == profile.engine.tensor_parallel_size
+    if profile.speculative is not None:
+        assert args.speculative_config == kwargs["speculative_config"]
+        if draft is not None:
+            assert args.speculative_config["model"] == draft
+
+
+@pytest.mark.parametrize("profile", [p for p in PROFILES if p.speculative], ids=lambda p: p.name)
+def test_speculative_config_is_valid_for_vllm(profile: Profile) -> None:
+    """Keys and method are vLLM's; the schedule passes vLLM's own schedule builder."""
+    spec = engine_kwargs(profile)["speculative_config"]
+    assert set(spec) <= {field.name for field in dataclasses.fields(SpeculativeConfig)}
+    assert spec["method"] in get_args(SpeculativeMethod)
+    schedule = spec.get("num_speculative_tokens_per_batch_size")
+    if schedule is not None:
+        max_num_seqs = profile.engine.max_num_seqs
+        lookup = build_dynamic_sd_schedule_lookup(
+            schedule, max_num_seqs, spec["num_speculative_tokens"]
+        )
+        assert lookup[1] == spec["num_speculative_tokens"]
+        assert lookup[max_num_seqs] == schedule[-1][2]

@@ -1,0 +1,111 @@
+"""The profile catalogue and the errors profile.py raises while loading a file."""
+
+from __future__ import annotations
+
+import re
+from itertools import takewhile
+from pathlib import Path
+
+import pytest
+
+from bentospec.profile import (
+    DEFAULT_CONFIG_DIR,
+    Profile,
+    ProfileError,
+    list_profiles,
+    load_profile,
+    load_profile_file,
+)
+
+BAD_PROFILES = Path(__file__).parent / "bad_profiles"
+
+#: The catalogue the hardware detection and the docs rely on.
+CATALOGUE = {
+    "cpu",
+    "cpu-draft",
+    "l4-24gb",
+    "l4-24gb-rag",
+    "a100-80gb",
+    "h100-80gb",
+    "h100-80gb-draft",
+    "h100x2",
+    "h100x4",
+    "h100x4-mtp",
+}
+
+
+def _catalogue() -> list[Profile]:
+    return [load_profile(name, DEFAULT_CONFIG_DIR) for name in list_profiles(DEFAULT_CONFIG_DIR)]
+
+
+def _gpu_profiles() -> list[Profile]:
+    return [p for p in _catalogue() if p.hardware.accelerator == "cuda"]
+
+
+def test_catalogue_has_every_profile() -> None:
+    assert set(list_profiles(DEFAULT_CONFIG_DIR)) >= CATALOGUE
+
+
+@pytest.mark.parametrize("path", sorted(DEFAULT_CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_profile_file_starts_with_a_comment(path: Path) -> None:
+    """The header says which hardware the file is for and why its numbers are what they are."""
+    header = list(takewhile(lambda line: line.startswith("#"), path.read_text().splitlines()))
+    assert len(header) >= 3
+
+
+@pytest.mark.parametrize("profile", _gpu_profiles(), ids=lambda p: p.name)
+def test_gpu_profiles_back_off_speculation_at_high_batch(profile: Profile) -> None:
+    spec = profile.speculative
+    assert spec is not None and spec.num_speculative_tokens_per_batch_size
+    steps = spec.num_speculative_tokens_per_batch_size
+    assert steps[0][2] == spec.num_speculative_tokens
+    assert steps[-1][2] < steps[0][2]
+    # The schedule names every batch size the engine can run.
+    assert steps[-1][1] == profile.engine.max_num_seqs
+
+
+@pytest.mark.parametrize("profile", _gpu_profiles(), ids=lambda p: p.name)
+def test_gpu_profiles_match_their_hardware(profile: Profile) -> None:
+    assert profile.hardware.gpu_names and profile.hardware.gpu_type
+    assert profile.engine.tensor_parallel_size == profile.hardware.gpu_count
+    assert profile.hardware.bento_resources() == {
+        "gpu": profile.hardware.gpu_count,
+        "gpu_type": profile.hardware.gpu_type,
+    }
+
+
+@pytest.mark.parametrize(
+    ("file", "message"),
+    [
+        ("unknown-key.yaml", r"unknown-key\.yaml: engine\.max_num_seq: unknown key"),
+        (
+            "disable-by-batch-size.yaml",
+            r"disable_by_batch_size was removed from vLLM; use num_speculative_tokens_per_batch",
+        ),
+        ("schedule-gap.yaml", r"without gaps or overlaps; got range \[10, 32\]"),
+        ("schedule-overlap.yaml", r"without gaps or overlaps; got range \[8, 32\]"),
+        (
+            "prompt-lookup-min-above-max.yaml",
+            r"prompt_lookup_min \(5\) must be <= prompt_lookup_max \(2\)",
+        ),
+        ("not-a-mapping.yaml", r"not-a-mapping\.yaml: a profile must be a YAML mapping, got list"),
+        ("name-key.yaml", r"name-key\.yaml: key 'name' is not allowed"),
+        ("eagle3-without-model.yaml", r"method 'eagle3' needs 'model'"),
+    ],
+)
+def test_bad_profile_is_refused_on_load(file: str, message: str) -> None:
+    path = BAD_PROFILES / file
+    with pytest.raises(ProfileError, match=message) as caught:
+        load_profile_file(path)
+    assert str(path) in str(caught.value)
+
+
+def test_bad_profile_is_refused_through_the_config_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "typo.yaml").write_text((BAD_PROFILES / "unknown-key.yaml").read_text())
+    monkeypatch.setenv("BENTOSPEC_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(
+        ProfileError, match=re.escape(f"{tmp_path / 'typo.yaml'}: engine.max_num_seq")
+    ):
+        load_profile("typo")

@@ -1,0 +1,342 @@
+"""Pre-flight validation: the catalogue passes, deliberate mistakes fail with the fix named."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bentospec.profile import (
+    DEFAULT_CONFIG_DIR,
+    Profile,
+    ProfileError,
+    list_profiles,
+    load_profile,
+    load_profile_file,
+)
+from bentospec.validation import MODEL_CONFIG_DIR, ModelArch, check_profile, footprint
+
+BAD_PROFILES = Path(__file__).parent / "bad_profiles"
+REPO = Path(__file__).resolve().parent.parent
+
+#: SmolLM2-135M-Instruct's config, as `bentospec models prepare` writes it (transformers 5).
+SMOLLM2_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "dtype": "bfloat16",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 8192,
+    "model_type": "llama",
+    "num_attention_heads": 9,
+    "num_hidden_layers": 30,
+    "num_key_value_heads": 3,
+    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+    "tie_word_embeddings": True,
+    "vocab_size": 49152,
+}
+
+
+@pytest.fixture(autouse=True)
+def empty_model_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No embedded model is built unless a test builds a fake one here."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BENTOSPEC_CACHE", str(cache))
+    return cache
+
+
+def _write_config(directory: Path, **overrides: object) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({**SMOLLM2_CONFIG, **overrides}))
+    return directory
+
+
+def _profile(name: str, **data: object) -> Profile:
+    return Profile.model_validate({"name": name, "description": name, **data})
+
+
+@pytest.mark.parametrize("name", list_profiles(DEFAULT_CONFIG_DIR))
+def test_catalogue_profile_passes(name: str) -> None:
+    profile = load_profile(name, DEFAULT_CONFIG_DIR)
+    summary = check_profile(profile)
+    assert "\n" not in summary
+    if profile.hardware.accelerator == "cuda":
+        # Every GPU profile is sized from vendored configs: nothing is skipped.
+        assert "skipped" not in summary and "unknown" not in summary
+        assert f"sequences of {profile.engine.max_model_len}" in summary
+    else:
+        assert "CPU profile: GPU memory check skipped" in summary
+
+
+@pytest.mark.parametrize(
+    ("name", "summary"),
+    [
+        (
+            "l4-24gb",
+            "weights 9.2 GiB (draft 0.8 GiB) + KV 132 KiB/token: 9.0 GiB for KV = 72k tokens, "
+            "8 sequences of 8192 (1x22.5 GiB x 0.9, 2 GiB/GPU reserve)",
+        ),
+        (
+            "h100x4",
+            "weights 140.6 GiB (draft 9.2 GiB) + KV 448 KiB/token: 137.9 GiB for KV = 323k tokens, "
+            "9 sequences of 32768 (4x79.6 GiB x 0.9, 2 GiB/GPU reserve)",
+        ),
+        (
+            "h100x4-mtp",
+            "weights 203.5 GiB (draft 4.4 GiB) + KV 188 KiB/token: 75.1 GiB for KV = 419k tokens, "
+            "6 sequences of 65536 (4x79.6 GiB x 0.9, 2 GiB/GPU reserve)",
+        ),
+        (
+            "l4-24gb-rag",
+            "weights 8.5 GiB + KV 128 KiB/token: 9.8 GiB for KV = 80k tokens, "
+            "4 sequences of 16384 (1x22.5 GiB x 0.9, 2 GiB/GPU reserve)",
+        ),
+    ],
+)
+def test_memory_summary(name: str, summary: str) -> None:
+    assert check_profile(load_profile(name, DEFAULT_CONFIG_DIR)) == summary
+
+
+@pytest.mark.parametrize(
+    ("config", "params", "tolerance"),
+    [
+        # Published parameter counts; Qwen3's q/k norms (2 x 128 per layer) are not counted.
+        ("meta-llama__Llama-3.1-8B-Instruct", 8_030_261_248, 0),
+        ("meta-llama__Llama-3.3-70B-Instruct", 70_553_706_496, 0),
+        ("meta-llama__Llama-3.2-1B-Instruct", 1_235_814_400, 0),
+        ("Qwen__Qwen3-8B", 8_190_735_360, 36 * 256),
+        ("Qwen__Qwen3-0.6B", 596_049_920, 28 * 256),
+    ],
+)
+def test_parameter_count_matches_published_size(config: str, params: int, tolerance: int) -> None:
+    arch = ModelArch.model_validate_json((MODEL_CONFIG_DIR / f"{config}.json").read_text())
+    fp = footprint(arch)
+    assert abs(fp.linear_params + fp.other_params - params) <= tolerance
+
+
+def test_moe_and_mtp_parameters() -> None:
+    """GLM-4.5-Air: 106B without MTP; the checkpoint's 110B adds the MTP layer's own embedding
+    and LM head copies, which vLLM shares with the target instead of loading twice."""
+    arch = ModelArch.model_validate_json(
+        (MODEL_CONFIG_DIR / "zai-org__GLM-4.5-Air.json").read_text()
+    )
+    model, mtp = footprint(arch), footprint(arch, "mtp")
+    assert 106.8e9 < model.linear_params + model.other_params < 106.9e9
+    mtp_with_copies = mtp.linear_params + mtp.other_params + 2 * arch.vocab_size * arch.hidden_size
+    assert 110.4e9 < model.linear_params + model.other_params + mtp_with_copies < 110.5e9
+    assert (model.kv_layers, mtp.kv_layers) == (46, 1)
+
+
+def test_every_vendored_config_parses_and_is_used() -> None:
+    catalogue = [load_profile(n, DEFAULT_CONFIG_DIR) for n in list_profiles(DEFAULT_CONFIG_DIR)]
+    used = {p.model.id for p in catalogue} | {
+        p.speculative.model for p in catalogue if p.speculative and p.speculative.model
+    }
+    vendored = {path.stem.replace("__", "/") for path in MODEL_CONFIG_DIR.glob("*.json")}
+    assert vendored == {ref for ref in used if not ref.startswith("bentospec:")}
+    for path in MODEL_CONFIG_DIR.glob("*.json"):
+        ModelArch.model_validate_json(path.read_text())
+
+
+@pytest.mark.parametrize(
+    ("file", "key", "message"),
+    [
+        (
+            "vocab-mismatch.yaml",
+            "speculative.model",
+            r"vocab_size 151936 of Qwen/Qwen3-0\.6B differs from 128256 .*use_heterogeneous_vocab",
+        ),
+        ("draft-tp-3-of-4.yaml", "speculative.draft_tensor_parallel_size", r"set it to 1 or 4"),
+        (
+            "mtp-without-mtp-layers.yaml",
+            "speculative.method",
+            r"'deepseek_mtp' needs MTP layers but meta-llama/Llama-3\.1-8B-Instruct has none",
+        ),
+        ("eagle3-head-of-other-target.yaml", "speculative.model", r"width 4096 .* has 8192"),
+        ("eagle-head-as-draft-model.yaml", "speculative.method", r"EAGLE head .*method 'eagle3'"),
+        (
+            "70b-bf16-on-l4.yaml",
+            "hardware.gpu_memory_gib",
+            r"weights 131\.4 GiB .* do not fit \(1x22\.5 GiB .*engine\.quantization: fp8",
+        ),
+        (
+            "no-full-sequence.yaml",
+            "engine.max_model_len",
+            r"= 20k tokens, 0 sequences of 32768 .*lower engine\.max_model_len to <= 19870",
+        ),
+        ("context-too-long.yaml", "engine.max_model_len", r"65536 exceeds the 40960 tokens"),
+        ("tp-not-gpu-count.yaml", "engine.tensor_parallel_size", r"4 but hardware\.gpu_count is 2"),
+        ("tp-3-splits-no-heads.yaml", "model.id", r"32 attention / 8 KV heads .* size 3"),
+        ("eagle3-with-plain-model.yaml", "speculative.method", r"is not an EAGLE3 head"),
+    ],
+)
+def test_bad_profile_fails_check(file: str, key: str, message: str) -> None:
+    profile = load_profile_file(BAD_PROFILES / file)
+    with pytest.raises(ProfileError, match=message) as caught:
+        check_profile(profile)
+    assert str(caught.value).startswith(f"profile {profile.name!r}: {key}: ")
+    assert "; fix: " in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("engine", "summary"),
+    [
+        (
+            {"kv_cache_memory_bytes": 4 * 2**30},
+            "weights 9.2 GiB (draft 0.8 GiB) + KV 132 KiB/token: 4.0 GiB for KV = 32k tokens, "
+            "3 sequences of 8192 (1x22.5 GiB, kv_cache_memory_bytes, 2 GiB/GPU reserve)",
+        ),
+        (
+            {"kv_cache_dtype": "fp8"},
+            "weights 9.2 GiB (draft 0.8 GiB) + KV 66 KiB/token: 9.0 GiB for KV = 143k tokens, "
+            "17 sequences of 8192 (1x22.5 GiB x 0.9, 2 GiB/GPU reserve)",
+        ),
+    ],
+)
+def test_engine_memory_settings_change_the_estimate(
+    engine: dict[str, object], summary: str
+) -> None:
+    profile = load_profile("l4-24gb", DEFAULT_CONFIG_DIR).with_engine(**engine)
+    assert check_profile(profile) == summary
+
+
+@pytest.mark.parametrize(
+    ("engine", "message"),
+    [
+        ({"kv_cache_memory_bytes": 20 * 2**30}, r"hardware\.gpu_memory_gib: .* do not fit"),
+        ({"kv_cache_dtype": "fp4"}, r"engine\.kv_cache_dtype: 'fp4' is unknown"),
+        ({"quantization": "bitsandbytes"}, r"engine\.quantization: 'bitsandbytes' is unknown"),
+    ],
+)
+def test_engine_memory_settings_can_fail(engine: dict[str, object], message: str) -> None:
+    profile = load_profile("l4-24gb", DEFAULT_CONFIG_DIR).with_engine(**engine)
+    with pytest.raises(ProfileError, match=message):
+        check_profile(profile)
+
+
+def test_heterogeneous_vocab_allows_a_different_tokenizer() -> None:
+    data = load_profile_file(BAD_PROFILES / "vocab-mismatch.yaml").model_dump()
+    data["speculative"]["use_heterogeneous_vocab"] = True
+    assert "sequences of 8192" in check_profile(Profile.model_validate(data))
+
+
+def test_built_embedded_models_are_sized(empty_model_cache: Path) -> None:
+    _write_config(empty_model_cache / "models" / "smollm2-135m-instruct")
+    _write_config(empty_model_cache / "models" / "smollm2-135m-draft", num_hidden_layers=6)
+    summary = check_profile(load_profile("cpu-draft", DEFAULT_CONFIG_DIR))
+    # 30 + 6 layers x 3 KV heads x 64 x 2 (K, V) x 2 bytes = 27 KiB/token; 1 GiB KV cache set.
+    assert summary == (
+        "weights 0.3 GiB (draft 0.1 GiB) + KV 27 KiB/token: 1.0 GiB for KV = 39k tokens, "
+        "9 sequences of 4096 (CPU profile: GPU memory check skipped)"
+    )
+
+
+def test_unbuilt_embedded_model_is_skipped_not_built(empty_model_cache: Path) -> None:
+    summary = check_profile(load_profile("cpu", DEFAULT_CONFIG_DIR))
+    assert summary == (
+        "CPU profile: GPU memory check skipped; bentospec:smollm2-135m-instruct not built yet, "
+        "size unknown (`bentospec models prepare --profile cpu`)"
+    )
+    assert not empty_model_cache.exists()
+
+
+def test_local_model_directory_config_is_read(tmp_path: Path) -> None:
+    target = _write_config(tmp_path / "target")
+    draft = _write_config(tmp_path / "draft", vocab_size=32000)
+    profile = _profile(
+        "local",
+        model={"id": str(target)},
+        speculative={"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3},
+        engine={"max_model_len": 4096},
+    )
+    with pytest.raises(ProfileError, match=r"vocab_size 32000 of .*/draft differs from 49152"):
+        check_profile(profile)
+
+
+def test_local_model_directory_without_config_fails(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    profile = _profile("local", model={"id": str(tmp_path / "empty")}, engine={"max_model_len": 64})
+    with pytest.raises(ProfileError, match=r"model\.id: model directory .* has no config\.json"):
+        check_profile(profile)
+
+
+def test_hub_model_without_vendored_config_skips_the_memory_check() -> None:
+    profile = _profile(
+        "unvendored",
+        hardware={"accelerator": "cuda", "gpu_count": 1, "gpu_memory_gib": 79.6},
+        model={"id": "example-org/unknown-model"},
+        engine={"max_model_len": 4096},
+    )
+    assert check_profile(profile) == (
+        "memory check skipped; model.id size unknown: vendor its config.json as "
+        "model_configs/example-org__unknown-model.json"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "note"),
+    [
+        ({"kv_lora_rank": 512}, "model.id KV cache not sized: multi-head latent attention"),
+        (
+            {"layer_types": ["linear_attention", "full_attention"]},
+            "model.id KV cache not sized: hybrid linear-attention layers",
+        ),
+        ({"hidden_size": None}, "model.id size unknown: {path} has no usable hidden_size"),
+    ],
+)
+def test_architecture_the_estimate_cannot_size_is_skipped_not_refused(
+    tmp_path: Path, overrides: dict[str, object], note: str
+) -> None:
+    model = _write_config(tmp_path / "model", **overrides)
+    profile = _profile(
+        "exotic",
+        hardware={"accelerator": "cuda", "gpu_count": 1, "gpu_memory_gib": 79.6},
+        model={"id": str(model)},
+        engine={"max_model_len": 4096},
+    )
+    expected = note.format(path=model / "config.json")
+    assert check_profile(profile) == f"memory check skipped; {expected}"
+
+
+def test_unmodelled_draft_method_is_noted() -> None:
+    profile = _profile(
+        "medusa",
+        hardware={"accelerator": "cuda", "gpu_count": 1, "gpu_memory_gib": 79.6},
+        model={"id": "meta-llama/Llama-3.1-8B-Instruct"},
+        speculative={"method": "medusa", "model": "org/medusa-heads", "num_speculative_tokens": 3},
+        engine={"max_model_len": 4096},
+    )
+    assert check_profile(profile) == "memory check skipped; 'medusa' drafts are not checked"
+
+
+def _cli(*args: str, config_dir: Path, cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "BENTOSPEC_CONFIG_DIR": str(config_dir), "BENTOSPEC_CACHE": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "bentospec.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cli_profiles_check_passes_the_catalogue(empty_model_cache: Path) -> None:
+    result = _cli("profiles", "check", config_dir=DEFAULT_CONFIG_DIR, cache=empty_model_cache)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    names = list_profiles(DEFAULT_CONFIG_DIR)
+    assert lines[-1] == f"{len(names)} passed, 0 failed"
+    assert [line.split(":")[0] for line in lines[:-1]] == [f"ok   {name}" for name in names]
+
+
+def test_cli_profiles_check_fails_every_bad_profile(empty_model_cache: Path) -> None:
+    result = _cli("profiles", "check", config_dir=BAD_PROFILES, cache=empty_model_cache)
+    names = list_profiles(BAD_PROFILES)
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1] == f"0 passed, {len(names)} failed"
+    assert all(f"FAIL {name}: " in result.stdout for name in names)
