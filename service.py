@@ -20,6 +20,7 @@ from bentospec.auth import APIKeyMiddleware
 from bentospec.engine import EngineStatus, EngineUnavailable, SpecEngine
 from bentospec.generation import RequestRejected, check_request, generate_full, stream_text
 from bentospec.hardware import select_profile
+from bentospec.metrics import SpecGauges, engine_counters
 from bentospec.model_store import is_hub_reference
 from bentospec.opea import build_opea_app
 from bentospec.openai_app import attach, build_openai_app
@@ -32,6 +33,9 @@ class ServiceArgs(BaseModel):
 
     profile: str | None = None
 
+
+#: How often the acceptance gauges on /metrics are recomputed from vLLM's counters.
+GAUGE_REFRESH_SECONDS = 5.0
 
 PROFILE = select_profile(bentoml.use_arguments(ServiceArgs).profile)
 openai_app = build_openai_app()
@@ -56,25 +60,33 @@ class BentoSpec:
 
     def __init__(self) -> None:
         self.engine = SpecEngine(PROFILE)
-        self._loading: asyncio.Task[None] | None = None
+        self.gauges = SpecGauges(PROFILE.served_model_name)
+        self._tasks: list[asyncio.Task[None]] = []
 
     @bentoml.on_startup
     async def start_engine(self) -> None:
         # Load in the background: awaiting here would block every route, /livez included.
-        self._loading = asyncio.create_task(self._load())
+        self._tasks.append(asyncio.create_task(self._load()))
 
     async def _load(self) -> None:
         await self.engine.start()
         await attach(openai_app, self.engine)
         opea_app.state.engine = self.engine
+        if PROFILE.speculative is not None:
+            self._tasks.append(asyncio.create_task(self._refresh_gauges()))
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            self.gauges.refresh(engine_counters())
+            await asyncio.sleep(GAUGE_REFRESH_SECONDS)
 
     async def __is_ready__(self) -> bool:
         return self.engine.status is EngineStatus.READY
 
     @bentoml.on_shutdown
     def stop_engine(self) -> None:
-        if self._loading is not None:
-            self._loading.cancel()
+        for task in self._tasks:
+            task.cancel()
         self.engine.shutdown()
 
     def _checked(self, request: GenerateRequest) -> None:

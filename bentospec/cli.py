@@ -79,12 +79,49 @@ def _profiles_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    verify = sub.add_parser(
+        "verify", help="greedy output with speculation must equal output without (exit 1 if not)"
+    )
+    verify.add_argument("--profile", default="cpu")
+    verify.add_argument("--max-tokens", type=int, default=64)
+    verify.add_argument("--num-prompts", type=int, default=None, help="default: whole dataset")
+    verify.add_argument("--categories", nargs="*", default=None, help="e.g. rag code")
+    verify.add_argument("--dtype", default="float32", help="float32 makes the check exact")
+    verify.set_defaults(handler=_verify)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from bentospec.dataset import load_cases, render_cases
+    from bentospec.verify import verify
+
+    profile = load_profile(args.profile)
+    cases = load_cases(categories=set(args.categories or ()), limit=args.num_prompts)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(profile.model.id))
+    prompts = render_cases(cases, tokenizer)
+    report = asyncio.run(verify(profile, prompts, max_tokens=args.max_tokens, dtype=args.dtype))
+    for d in report.divergences:
+        print(
+            f"DIVERGED {cases[d.index].id} at token {d.position}: {d.baseline} != {d.speculative}"
+        )
+    print(
+        f"{report.profile} ({report.method}, {report.dtype}): {report.prompts} prompts, "
+        f"{report.tokens_compared} tokens compared, {len(report.divergences)} diverged"
+    )
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bentospec", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_models(sub)
     _add_profiles(sub)
+    _add_verify(sub)
     return parser
 
 

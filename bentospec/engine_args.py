@@ -49,6 +49,9 @@ def engine_kwargs(
         disable_log_stats=False,
         per_request_spec_decode_metrics="summary" if profile.speculative else "none",
     )
+    if profile.greedy_only:
+        # OpenAI requests that leave temperature out get greedy decoding instead of 1.0.
+        kwargs["override_generation_config"] = {"temperature": 0.0}
     if profile.model.revision is not None:
         kwargs["revision"] = profile.model.revision
     spec = speculative_config(profile.speculative, draft_model)

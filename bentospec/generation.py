@@ -53,6 +53,7 @@ def check_request(
             prompt_field,
             f"{len(prompt)} characters exceeds the limit of {profile.serving.max_prompt_chars}",
         )
+    check_sampling(profile, options)
     # vLLM tokenizes again; counting here is what lets a streaming request fail with 400.
     prompt_tokens = len(engine.llm.get_tokenizer().encode(prompt))
     if prompt_tokens >= limit:
@@ -62,13 +63,34 @@ def check_request(
         )
 
 
-def sampling_params(options: SamplingOptions, *, stream: bool) -> SamplingParams:
+def check_sampling(profile: Profile, options: SamplingOptions) -> None:
+    """Refuse sampling settings the profile's speculation cannot honour (HTTP 400)."""
+    if profile.speculative is None:
+        return
+    if options.min_p > 0:
+        raise RequestRejected(
+            "min_p", "vLLM does not support min_p with speculative decoding: send 0"
+        )
+    if profile.greedy_only and (options.temperature or 0) > 0:
+        raise RequestRejected(
+            "temperature",
+            f"{options.temperature}: profile {profile.name!r} speculates on CPU, where vLLM 0.32 "
+            "is only exact for greedy decoding: send temperature 0 (or leave it out), or serve "
+            "profile 'cpu-nospec' for sampling",
+        )
+
+
+def sampling_params(options: SamplingOptions, profile: Profile, *, stream: bool) -> SamplingParams:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    sampling_fields = set(SamplingOptions.model_fields) - {"stop"}
+    sampling_fields = set(SamplingOptions.model_fields) - {"stop", "temperature"}
+    temperature = options.temperature
+    if temperature is None:
+        temperature = 0.0 if profile.greedy_only else 1.0
     return SamplingParams(
         **options.model_dump(include=sampling_fields),
+        temperature=temperature,
         stop=list(options.stop) or None,
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
     )
@@ -99,7 +121,9 @@ async def stream_outputs(
     engine: SpecEngine, prompt: str, options: SamplingOptions
 ) -> AsyncIterator[RequestOutput]:
     """Delta outputs of one request; closing the iterator aborts the engine request."""
-    async for output in engine.generate(prompt, sampling_params(options, stream=True)):
+    async for output in engine.generate(
+        prompt, sampling_params(options, engine.profile, stream=True)
+    ):
         yield output
 
 
@@ -117,7 +141,9 @@ async def generate_full(
 ) -> GenerateResult:
     """Run one request to completion and report its tokens and speculation stats."""
     final: RequestOutput | None = None
-    async for output in engine.generate(prompt, sampling_params(options, stream=False)):
+    async for output in engine.generate(
+        prompt, sampling_params(options, engine.profile, stream=False)
+    ):
         final = output
     if final is None or not final.outputs:
         raise RuntimeError("engine returned no output")

@@ -75,3 +75,46 @@ class SpecCounters(BaseModel):
             for family in text_string_to_metric_families(text)
             for sample in family.samples
         )
+
+
+class SpecGauges:
+    """Acceptance rate and mean acceptance length as Prometheus gauges, from vLLM's counters.
+
+    The gauges are not registered in a registry: under BentoML's multiprocess metrics, the
+    values' files are what ``/metrics`` reads, and an unregistered gauge can be created once
+    per service instance without clashing with another instance in the same process.
+    """
+
+    def __init__(self, model_name: str) -> None:
+        from prometheus_client import Gauge
+
+        labels = {"model_name": model_name}
+        self._rate = Gauge(
+            "bentospec_spec_decode_acceptance_rate",
+            "Accepted / drafted speculative tokens since the engine started.",
+            labelnames=list(labels),
+            registry=None,
+            multiprocess_mode="livemostrecent",
+        ).labels(**labels)
+        self._length = Gauge(
+            "bentospec_spec_decode_mean_acceptance_length",
+            "Tokens emitted per verification step (1 + accepted / drafts) since start.",
+            labelnames=list(labels),
+            registry=None,
+            multiprocess_mode="livemostrecent",
+        ).labels(**labels)
+
+    def refresh(self, counters: SpecCounters) -> None:
+        if counters.acceptance_rate is not None:
+            self._rate.set(counters.acceptance_rate)
+        if counters.mean_acceptance_length is not None:
+            self._length.set(counters.mean_acceptance_length)
+
+
+def engine_counters() -> SpecCounters:
+    """This process's vLLM spec-decode counters (the engine's front end records them here)."""
+    from vllm.v1.metrics.reader import Counter, get_metrics_snapshot
+
+    return SpecCounters.from_samples(
+        (m.name, m.value) for m in get_metrics_snapshot() if isinstance(m, Counter)
+    )

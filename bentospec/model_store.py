@@ -99,7 +99,7 @@ def resolve_model(ref: str, *, token: str | None = None, progress: bool = True) 
     if local.is_dir():
         return str(local)
     if ref.startswith(("/", ".", "~")):
-        raise ModelNotFoundError(f"model directory {ref!r} does not exist")
+        raise ModelNotFoundError(f"{ref!r} is not an existing model directory")
     return _download_from_hub(ref, token=token or os.environ.get("HF_TOKEN"), progress=progress)
 
 
@@ -211,7 +211,10 @@ def _gguf_path() -> Path:
 
 
 def _build_target(out: Path, step: Callable[[str], None], progress: bool) -> None:
-    """Dequantize the GGUF into a bfloat16 ``LlamaForCausalLM`` directory with its tokenizer."""
+    """Dequantize the GGUF into a bfloat16 ``LlamaForCausalLM`` directory with its tokenizer.
+
+    ``progress`` is unused: the target depends on no other embedded model.
+    """
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -309,10 +312,10 @@ def _clean_tokenizer(
 
 
 def _check_saved(out: Path, config: PreTrainedConfig) -> None:
-    """Fail the build unless the saved weights agree with ``tie_word_embeddings``.
+    """Fail the build unless the saved weights match the config's head tying and depth.
 
     vLLM skips ``lm_head.weight`` for tied models and requires it for untied
-    ones, so a mismatch would only surface when the service starts.
+    ones, so a mismatch would otherwise only surface when the service starts.
     """
     from safetensors import safe_open
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 from argparse import Namespace
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from bentospec.engine import EngineUnavailable, SpecEngine
+from bentospec.generation import RequestRejected, check_sampling
+from bentospec.schemas import SamplingOptions
 
 #: The OpenAI routes the service exposes; the rest of ``vllm serve``'s API stays private.
 OPENAI_ROUTES = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions"})
@@ -59,20 +61,44 @@ def build_openai_app() -> FastAPI:
     app.state.bentospec_engine = None
 
     @app.middleware("http")
-    async def _require_engine(request: Request, call_next) -> Response:
+    async def _guard(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         engine: SpecEngine | None = request.app.state.bentospec_engine
         try:
             if engine is None:
                 raise EngineUnavailable("engine is loading")
             engine.llm  # noqa: B018 - raises unless ready (catches a dead engine too)
+            if request.method == "POST":
+                await _check_sampling(request, engine)
         except EngineUnavailable as exc:
-            return JSONResponse(
-                {"error": {"message": str(exc), "type": "ServiceUnavailable", "code": 503}},
-                status_code=503,
-            )
+            return _openai_error(503, "ServiceUnavailable", str(exc))
+        except RequestRejected as exc:
+            return _openai_error(400, "BadRequestError", str(exc), exc.field)
         return await call_next(request)
 
     return app
+
+
+def _openai_error(status: int, kind: str, message: str, param: str | None = None) -> JSONResponse:
+    error = {"message": message, "type": kind, "param": param, "code": status}
+    return JSONResponse({"error": error}, status_code=status)
+
+
+async def _check_sampling(request: Request, engine: SpecEngine) -> None:
+    """Refuse what the profile's speculation cannot honour before vLLM sees it (or crashes)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return  # vLLM answers malformed JSON itself
+    if not isinstance(body, dict):
+        return
+    temperature, min_p = body.get("temperature"), body.get("min_p")
+    if isinstance(temperature, int | float) or isinstance(min_p, int | float):
+        check_sampling(
+            engine.profile,
+            SamplingOptions.model_construct(temperature=temperature, min_p=min_p or 0.0),
+        )
 
 
 async def attach(app: FastAPI, engine: SpecEngine) -> None:

@@ -208,6 +208,17 @@ class Profile(_Strict):
     def served_model_name(self) -> str:
         return self.model.served_model_name or self.model.id
 
+    @property
+    def greedy_only(self) -> bool:
+        """Whether only greedy requests (temperature 0) are served correctly.
+
+        vLLM 0.32's CPU backend cannot run the rejection sampler's Triton kernels: with
+        speculation, any temperature > 0 returns corrupted text and ``top_k`` crashes the
+        engine core. Greedy verification is exact, so CPU speculative profiles serve greedy
+        requests and refuse the rest with a 400 rather than answer wrongly.
+        """
+        return self.speculative is not None and self.hardware.accelerator == "cpu"
+
     def model_refs(self) -> list[str]:
         """The target reference, then the draft's if the method loads one."""
         refs = [self.model.id]

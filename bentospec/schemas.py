@@ -20,12 +20,16 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class SamplingOptions(BaseModel):
-    """Sampling parameters shared by every API; defaults are vLLM's (greedy when temperature=0)."""
+    """Sampling parameters shared by every API; defaults are vLLM's except ``temperature``.
+
+    ``temperature`` left out means the profile's default: greedy (0) where speculation is
+    only exact for greedy requests (CPU profiles, see ``Profile.greedy_only``), else 1.0.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     max_tokens: Annotated[int, Field(ge=1, description="Tokens to generate at most.")] = 256
-    temperature: Annotated[FiniteFloat, Field(ge=0, le=2)] = 1.0
+    temperature: Annotated[FiniteFloat, Field(ge=0, le=2)] | None = None
     top_p: Annotated[FiniteFloat, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[int, Field(ge=-1, description="0 or -1 disables top-k.")] = 0
     min_p: Annotated[FiniteFloat, Field(ge=0, le=1)] = 0.0
@@ -89,7 +93,8 @@ class OPEACompletionRequest(BaseModel):
     top_k: Annotated[int, Field(ge=-1)] = 10
     top_p: Annotated[FiniteFloat, Field(gt=0, le=1)] = 0.95
     typical_p: FiniteFloat | None = None
-    temperature: Annotated[FiniteFloat, Field(ge=0, le=2)] = 0.01
+    #: OPEA defaults to 0.01; here the profile's default (see ``SamplingOptions``).
+    temperature: Annotated[FiniteFloat, Field(ge=0, le=2)] | None = None
     repetition_penalty: Annotated[FiniteFloat, Field(gt=0, le=2)] = 1.0
     streaming: bool = True
 

@@ -230,7 +230,7 @@ def test_resolve_local_directory_is_returned(tmp_path: Path) -> None:
 
 
 def test_resolve_missing_local_directory_fails(tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFoundError, match="does not exist"):
+    with pytest.raises(ModelNotFoundError, match="not an existing model directory"):
         resolve_model(str(tmp_path / "missing"))
 
 

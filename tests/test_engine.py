@@ -1,0 +1,90 @@
+"""The real ``cpu`` profile engine: coherent text, speculation stats, lossless speculation."""
+
+from __future__ import annotations
+
+import pytest
+
+from bentospec.dataset import load_cases, render_cases
+from bentospec.engine import EngineStatus, SpecEngine
+from bentospec.generation import generate_full, stream_text
+from bentospec.metrics import engine_counters
+from bentospec.profile import load_profile
+from bentospec.schemas import SamplingOptions
+from bentospec.verify import verify
+from tests.conftest import LoopThread
+
+GREEDY = SamplingOptions(max_tokens=48, temperature=0)
+
+
+def rag_prompt(engine: SpecEngine, index: int = 0) -> tuple[str, str]:
+    """A rendered RAG prompt and its documents' text."""
+    case = load_cases(categories={"rag"})[index]
+    return render_cases([case], engine.llm.get_tokenizer())[0], " ".join(case.documents)
+
+
+def test_engine_is_ready(cpu_engine: SpecEngine) -> None:
+    assert cpu_engine.status is EngineStatus.READY
+
+
+def test_generates_coherent_text_about_the_document(
+    cpu_engine: SpecEngine, loop: LoopThread
+) -> None:
+    prompt, documents = rag_prompt(cpu_engine)
+    result = loop.run(generate_full(cpu_engine, prompt, GREEDY))
+    words = [w.strip(".,:;!?\"'()").lower() for w in result.text.split()]
+    doc_words = {w.strip(".,:;!?\"'()").lower() for w in documents.split() if len(w) > 4}
+    assert result.completion_tokens > 5
+    assert sum(w.isalpha() for w in words) >= len(words) // 2, result.text  # mostly words
+    assert doc_words & set(words), f"answer shares no word with the document: {result.text!r}"
+
+
+def test_stream_concatenates_to_the_full_answer(cpu_engine: SpecEngine, loop: LoopThread) -> None:
+    prompt, _ = rag_prompt(cpu_engine, 1)
+
+    async def collect() -> list[str]:
+        return [delta async for delta in stream_text(cpu_engine, prompt, GREEDY)]
+
+    deltas = loop.run(collect())
+    full = loop.run(generate_full(cpu_engine, prompt, GREEDY))
+    assert len(deltas) > 1
+    assert "".join(deltas) == full.text
+
+
+def test_request_reports_speculation_and_counters_grow(
+    cpu_engine: SpecEngine, loop: LoopThread
+) -> None:
+    prompt, _ = rag_prompt(cpu_engine, 2)
+    before = engine_counters()
+    result = loop.run(generate_full(cpu_engine, prompt, GREEDY))
+    after = engine_counters()
+    spec = result.speculation
+    assert spec.method == "ngram"
+    assert spec.applied and spec.draft_tokens > 0
+    assert 0 <= spec.accepted_tokens <= spec.draft_tokens
+    delta = after - before
+    assert delta.draft_tokens >= spec.draft_tokens > 0
+    assert delta.accepted_tokens >= spec.accepted_tokens
+
+
+def test_request_without_drafts_says_why(cpu_engine: SpecEngine, loop: LoopThread) -> None:
+    # One token comes from the prefill alone: nothing to speculate.
+    prompt, _ = rag_prompt(cpu_engine)
+    result = loop.run(generate_full(cpu_engine, prompt, SamplingOptions(max_tokens=1)))
+    assert not result.speculation.applied
+    assert result.speculation.reason
+
+
+@pytest.mark.parametrize("profile_name", ["cpu", "cpu-draft"])
+def test_greedy_speculation_is_lossless(profile_name: str, loop: LoopThread) -> None:
+    """ngram and draft-model speculation reproduce plain greedy decoding token for token."""
+    profile = load_profile(profile_name)
+    cases = load_cases()[::4][:12]  # 12 prompts across all categories
+    from transformers import AutoTokenizer
+
+    from bentospec.model_store import resolve_model
+
+    prompts = render_cases(cases, AutoTokenizer.from_pretrained(resolve_model(profile.model.id)))
+    report = loop.run(verify(profile, prompts, max_tokens=48), timeout=1200)
+    assert report.prompts >= 10
+    assert report.tokens_compared > 10 * 20
+    assert report.ok, report.divergences
