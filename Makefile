@@ -8,7 +8,7 @@ PROFILE ?= cpu
 PORT ?= 3000
 STAMP := $(VENV)/.installed-$(ACCEL)
 
-.PHONY: install model serve test lint check
+.PHONY: install model serve test lint check system-deps
 
 $(STAMP): requirements-$(ACCEL).txt requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,5 +36,9 @@ lint: install
 check: install
 	$(BIN)/bentospec profiles check
 
-test: lint check
+# Headless Chromium renders the Swagger UI in the tests (Debian package; root on CI).
+system-deps:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: lint check system-deps
 	$(BIN)/python -m pytest

@@ -24,6 +24,7 @@ from bentospec.metrics import SpecGauges, engine_counters
 from bentospec.model_store import is_hub_reference
 from bentospec.opea import build_opea_app
 from bentospec.openai_app import attach, build_openai_app
+from bentospec.packaging import bento_image
 from bentospec.prompts import PromptTemplates
 from bentospec.schemas import GenerateRequest, GenerateResult
 
@@ -46,6 +47,7 @@ opea_app = build_opea_app(PromptTemplates())
 @bentoml.asgi_app(opea_app, path="/", name="opea")
 @bentoml.service(
     name="bentospec",
+    image=bento_image(PROFILE),
     resources=PROFILE.hardware.bento_resources(),
     traffic={
         "timeout": PROFILE.serving.timeout,
@@ -101,8 +103,10 @@ class BentoSpec:
     async def generate(self, **fields: Any) -> AsyncGenerator[str, None]:
         """Stream the completion of a raw prompt as text deltas."""
         request = GenerateRequest.model_construct(**fields)
+        # Raised before the first chunk, so BentoML still answers with a status code.
         self._checked(request)
-        return stream_text(self.engine, request.prompt, request)
+        async for delta in stream_text(self.engine, request.prompt, request):
+            yield delta
 
     @bentoml.api(input_spec=GenerateRequest)
     async def generate_full(self, **fields: Any) -> GenerateResult:

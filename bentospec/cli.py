@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_profiles(sub)
     _add_verify(sub)
+    from bentospec import bench, tune
+
+    bench.add_parser(sub)
+    tune.add_parser(sub)
     return parser
 
 

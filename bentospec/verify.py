@@ -42,25 +42,30 @@ class VerifyReport(BaseModel):
         return not self.divergences
 
 
-async def greedy_tokens(profile: Profile, prompts: list[str], max_tokens: int) -> list[list[int]]:
-    """Greedy token ids for each prompt, from a fresh engine of ``profile`` (shut down after)."""
+async def greedy_tokens(engine: SpecEngine, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    """Greedy token ids for each prompt from a started engine, all prompts in flight at once."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     params = SamplingParams(
         temperature=0.0, max_tokens=max_tokens, output_kind=RequestOutputKind.FINAL_ONLY
     )
+
+    async def one(i: int, prompt: str) -> list[int]:
+        tokens: list[int] = []
+        async for out in engine.generate(prompt, params, request_id=f"verify-{i}-{id(prompt)}"):
+            tokens = list(out.outputs[0].token_ids)
+        return tokens
+
+    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+
+async def run_profile(profile: Profile, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    """:func:`greedy_tokens` from a fresh engine of ``profile``, shut down afterwards."""
     engine = SpecEngine(profile)
     await engine.start()
     try:
-
-        async def one(i: int, prompt: str) -> list[int]:
-            tokens: list[int] = []
-            async for out in engine.generate(prompt, params, request_id=f"verify-{i}"):
-                tokens = list(out.outputs[0].token_ids)
-            return tokens
-
-        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+        return await greedy_tokens(engine, prompts, max_tokens)
     finally:
         engine.shutdown()
 
@@ -81,6 +86,14 @@ def first_divergence(index: int, baseline: list[int], speculative: list[int]) ->
     )
 
 
+def compare(baseline: list[list[int]], speculative: list[list[int]]) -> list[Divergence]:
+    return [
+        d
+        for i, (a, b) in enumerate(zip(baseline, speculative, strict=True))
+        if (d := first_divergence(i, a, b)) is not None
+    ]
+
+
 async def verify(
     profile: Profile, prompts: list[str], *, max_tokens: int = 64, dtype: str = "float32"
 ) -> VerifyReport:
@@ -89,20 +102,15 @@ async def verify(
         raise ValueError(f"profile {profile.name!r} has no speculation to verify")
     speculative = profile.with_engine(dtype=dtype)
     logger.info("verify %s: baseline run (no speculation, %s)", profile.name, dtype)
-    baseline_tokens = await greedy_tokens(speculative.without_speculation(), prompts, max_tokens)
+    baseline = await run_profile(speculative.without_speculation(), prompts, max_tokens)
     logger.info("verify %s: speculative run (%s)", profile.name, profile.speculative.method)
-    spec_tokens = await greedy_tokens(speculative, prompts, max_tokens)
-    divergences = [
-        d
-        for i, (a, b) in enumerate(zip(baseline_tokens, spec_tokens, strict=True))
-        if (d := first_divergence(i, a, b)) is not None
-    ]
+    spec_tokens = await run_profile(speculative, prompts, max_tokens)
     return VerifyReport(
         profile=profile.name,
         method=profile.speculative.method,
         dtype=dtype,
         prompts=len(prompts),
         max_tokens=max_tokens,
-        tokens_compared=sum(len(t) for t in baseline_tokens),
-        divergences=divergences,
+        tokens_compared=sum(len(t) for t in baseline),
+        divergences=compare(baseline, spec_tokens),
     )

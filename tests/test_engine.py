@@ -10,10 +10,11 @@ from bentospec.generation import generate_full, stream_text
 from bentospec.metrics import engine_counters
 from bentospec.profile import load_profile
 from bentospec.schemas import SamplingOptions
-from bentospec.verify import verify
+from bentospec.verify import compare, greedy_tokens, run_profile
 from tests.conftest import LoopThread
 
 GREEDY = SamplingOptions(max_tokens=48, temperature=0)
+LOSSLESS_TOKENS = 48
 
 
 def rag_prompt(engine: SpecEngine, index: int = 0) -> tuple[str, str]:
@@ -74,17 +75,34 @@ def test_request_without_drafts_says_why(cpu_engine: SpecEngine, loop: LoopThrea
     assert result.speculation.reason
 
 
-@pytest.mark.parametrize("profile_name", ["cpu", "cpu-draft"])
-def test_greedy_speculation_is_lossless(profile_name: str, loop: LoopThread) -> None:
-    """ngram and draft-model speculation reproduce plain greedy decoding token for token."""
-    profile = load_profile(profile_name)
-    cases = load_cases()[::4][:12]  # 12 prompts across all categories
-    from transformers import AutoTokenizer
+@pytest.fixture(scope="module")
+def lossless_prompts(cpu_engine: SpecEngine) -> list[str]:
+    """12 prompts across all categories of the committed dataset."""
+    return render_cases(load_cases()[::4][:12], cpu_engine.llm.get_tokenizer())
 
-    from bentospec.model_store import resolve_model
 
-    prompts = render_cases(cases, AutoTokenizer.from_pretrained(resolve_model(profile.model.id)))
-    report = loop.run(verify(profile, prompts, max_tokens=48), timeout=1200)
-    assert report.prompts >= 10
-    assert report.tokens_compared > 10 * 20
-    assert report.ok, report.divergences
+@pytest.fixture(scope="module")
+def greedy_baseline(loop: LoopThread, lossless_prompts: list[str]) -> list[list[int]]:
+    """Plain greedy decoding (no speculation, float32) of the lossless prompts."""
+    plain = load_profile("cpu").without_speculation().with_engine(dtype="float32")
+    return loop.run(run_profile(plain, lossless_prompts, LOSSLESS_TOKENS), timeout=1200)
+
+
+def test_ngram_speculation_is_lossless(
+    cpu_engine: SpecEngine,
+    loop: LoopThread,
+    lossless_prompts: list[str],
+    greedy_baseline: list[list[int]],
+) -> None:
+    spec = loop.run(greedy_tokens(cpu_engine, lossless_prompts, LOSSLESS_TOKENS))
+    assert len(spec) >= 10 and sum(map(len, greedy_baseline)) > 10 * 20
+    assert not compare(greedy_baseline, spec)
+
+
+def test_draft_model_speculation_is_lossless(
+    loop: LoopThread, lossless_prompts: list[str], greedy_baseline: list[list[int]]
+) -> None:
+    draft = load_profile("cpu-draft").with_engine(dtype="float32")
+    assert draft.speculative is not None and draft.speculative.method == "draft_model"
+    spec = loop.run(run_profile(draft, lossless_prompts, LOSSLESS_TOKENS), timeout=1200)
+    assert not compare(greedy_baseline, spec)

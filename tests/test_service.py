@@ -1,0 +1,291 @@
+"""A real ``bentoml serve`` on the ``cpu`` profile, driven by every client the README shows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+
+import bentoml
+import httpx
+import pytest
+from openai import OpenAI
+
+from bentospec.metrics import SpecCounters
+from tests.conftest import ServerProcess
+
+MODEL = "smollm2-135m-instruct"
+QUESTION = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_readyz_was_503_while_livez_answered_then_200(server: ServerProcess) -> None:
+    assert server.probes[-1] == (200, 200)
+    loading = [p for p in server.probes if p[1] == 503]
+    assert loading, f"never saw /readyz 503 while loading: {server.probes}"
+    assert all(live == 200 for live, _ in loading)
+
+
+def test_sync_client_streams_and_completes(server: ServerProcess) -> None:
+    with bentoml.SyncHTTPClient(server.url, timeout=120) as client:
+        chunks = list(client.generate(prompt=QUESTION, max_tokens=24, temperature=0))
+        result = client.generate_full(prompt=QUESTION, max_tokens=24, temperature=0)
+    assert 1 < len(chunks) < len(result["text"])  # token deltas, not characters
+    assert "".join(chunks) == result["text"]
+    assert "Paris" in result["text"]
+    assert result["completion_tokens"] > 0 and result["prompt_tokens"] > 0
+    assert result["speculation"]["method"] == "ngram"
+
+
+def test_async_client_streams(server: ServerProcess) -> None:
+    async def run() -> tuple[list[str], dict]:
+        async with bentoml.AsyncHTTPClient(server.url, timeout=120) as client:
+            chunks = [c async for c in client.generate(prompt=QUESTION, max_tokens=16)]
+            full = await client.generate_full(prompt=QUESTION, max_tokens=16)
+        return chunks, full
+
+    chunks, full = asyncio.run(run())
+    assert 1 < len(chunks) < len(full["text"])
+    assert "".join(chunks) == full["text"]
+
+
+def test_curl_streams_raw_text(server: ServerProcess) -> None:
+    out = subprocess.run(
+        [
+            "curl",
+            "-sN",
+            f"{server.url}/generate",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            json.dumps({"prompt": QUESTION, "max_tokens": 16}),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert "Paris" in out.stdout
+
+
+def test_speculation_counters_and_gauges_grow(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        before = SpecCounters.from_prometheus_text(client.get("/metrics").text)
+        rag = (
+            "Document: The Brewmaster 300 must be descaled every 60 days with the Brewmaster "
+            "descaling solution.\nQuestion: How often must the Brewmaster 300 be descaled?"
+        )
+        r = client.post("/generate_full", json={"prompt": rag, "max_tokens": 48})
+        assert r.status_code == 200, r.text
+        stats = r.json()["speculation"]
+        after = SpecCounters.from_prometheus_text(client.get("/metrics").text)
+    assert stats["applied"] and stats["draft_tokens"] > 0
+    assert (after - before).draft_tokens >= stats["draft_tokens"]
+    assert (after - before).accepted_tokens >= stats["accepted_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "", "max_tokens": 8}, "prompt"),
+        ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 100_000}, "max_tokens"),
+        ({"prompt": "hi", "temperature": -0.5}, "temperature"),
+        ({"prompt": "hi", "temperature": 0.7}, "temperature"),  # CPU speculation: greedy only
+        ({"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+        ({"prompt": 42}, "prompt"),
+        ({"prompt": "hi", "stop": "not-a-list"}, "stop"),
+        ({"prompt": "hi", "min_p": 0.2}, "min_p"),
+        ({"prompt": "hi", "bogus": 1}, "bogus"),
+    ],
+)
+@pytest.mark.parametrize("route", ["/generate", "/generate_full"])
+def test_bad_input_is_400_naming_the_field(
+    server: ServerProcess, route: str, body: dict, field: str
+) -> None:
+    r = httpx.post(f"{server.url}{route}", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert field in r.text
+
+
+def test_prompt_longer_than_context_is_400(server: ServerProcess) -> None:
+    r = httpx.post(
+        f"{server.url}/generate_full", json={"prompt": "word " * 5000, "max_tokens": 8}, timeout=60
+    )
+    assert r.status_code == 400, r.text
+    assert "prompt" in r.text and "max_model_len=4096" in r.text
+
+
+# --- OpenAI API (vLLM's own serving layer around the service's engine) ---------------------
+
+
+def openai_client(server: ServerProcess) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120)
+
+
+def test_openai_models_lists_the_profile_model(server: ServerProcess) -> None:
+    assert [m.id for m in openai_client(server).models.list()] == [MODEL]
+
+
+def test_openai_chat_uses_the_chat_template(server: ServerProcess) -> None:
+    client = openai_client(server)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24)
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=24, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    # bf16 SmolLM2 answers this one in French (a near-tie at the first token), so check the
+    # template instead: a ChatML assistant turn, not a continuation of the raw prompt.
+    content = reply.choices[0].message.content
+    assert content and "<|im_start|>" not in content and not content.startswith("user")
+    assert text == content  # greedy by default on this profile, streamed or not
+    assert reply.usage.prompt_tokens > len(messages[0]["content"].split())  # template tokens
+
+
+def test_openai_completions_stream_and_not(server: ServerProcess) -> None:
+    client = openai_client(server)
+    full = client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=16, temperature=0)
+    stream = client.completions.create(
+        model=MODEL, prompt=QUESTION, max_tokens=16, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream) == full.choices[0].text
+    assert full.usage.completion_tokens > 0
+
+
+def test_openai_refuses_sampling_the_profile_cannot_do(server: ServerProcess) -> None:
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "temperature": 0.8,
+            "top_k": 10,
+        },
+        timeout=60,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200  # engine alive
+
+
+# --- OPEA compatibility ----------------------------------------------------------------------
+
+
+def test_opea_health_check(server: ServerProcess) -> None:
+    r = httpx.get(f"{server.url}/v1/health_check", timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_opea_rag_completion_json(server: ServerProcess) -> None:
+    body = {
+        "query": "What is the capital of France?",
+        "documents": ["Paris is the capital and largest city of France."],
+        "max_new_tokens": 24,
+        "streaming": False,
+    }
+    r = httpx.post(f"{server.url}/v1/spec_decode/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert "Paris" in doc["text"] and doc["prompt"] == body["query"]
+    assert doc["speculation"]["method"] == "ngram"
+
+
+def test_opea_stream_is_sse_via_curl(server: ServerProcess) -> None:
+    body = {
+        "query": "What is Paris?",
+        "documents": ["Paris is the capital of France."],
+        "max_new_tokens": 24,
+    }
+    out = subprocess.run(
+        [
+            "curl",
+            "-sN",
+            f"{server.url}/v1/spec_decode/completions",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            json.dumps(body),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    events = [line.removeprefix("data: ") for line in out.splitlines() if line]
+    assert all(line.startswith("data: ") for line in out.splitlines() if line), out
+    assert events[-1] == "[DONE]"
+    payloads = [json.loads(e) for e in events[:-1]]
+    assert "Paris" in "".join(p["text"] for p in payloads)
+    assert payloads[-1]["finish_reason"] in {"stop", "length"}
+    assert "speculation" in payloads[-1]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"query": "x", "typical_p": 0.95}, "typical_p"),
+        ({"query": ""}, "query"),
+        ({"query": "x", "max_new_tokens": 0}, "max_new_tokens"),
+        ({"query": "x", "max_new_tokens": 50_000}, "max_new_tokens"),
+        ({"query": "x", "temperature": 0.5}, "temperature"),
+        ({"query": "x", "top_p": 0}, "top_p"),
+        ({"query": "x", "documents": "not a list"}, "documents"),
+        ({"query": "x", "unknown": True}, "unknown"),
+    ],
+)
+def test_opea_bad_input_is_400(server: ServerProcess, body: dict, field: str) -> None:
+    r = httpx.post(f"{server.url}/v1/spec_decode/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["field"].startswith(field)
+
+
+def test_request_without_drafts_reports_why(server: ServerProcess) -> None:
+    r = httpx.post(
+        f"{server.url}/generate_full", json={"prompt": QUESTION, "max_tokens": 1}, timeout=60
+    )
+    spec = r.json()["speculation"]
+    assert spec["applied"] is False and "no draft tokens" in spec["reason"]
+
+
+# --- Swagger UI and OpenAPI ------------------------------------------------------------------
+
+ROUTES = [
+    "/generate",
+    "/generate_full",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/spec_decode/completions",
+    "/v1/health_check",
+]
+
+
+def test_docs_json_lists_every_route(server: ServerProcess) -> None:
+    paths = httpx.get(f"{server.url}/docs.json", timeout=30).json()["paths"]
+    assert set(ROUTES) <= set(paths), sorted(paths)
+
+
+def test_swagger_ui_renders_the_routes_in_chromium(server: ServerProcess, tmp_path) -> None:
+    dom = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path}",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            f"{server.url}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    missing = [route for route in ROUTES if route not in dom]
+    assert not missing, f"Swagger UI did not render {missing}"
