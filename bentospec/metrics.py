@@ -86,23 +86,28 @@ class SpecGauges:
     """
 
     def __init__(self, model_name: str) -> None:
-        from prometheus_client import Gauge
-
-        labels = {"model_name": model_name}
-        self._rate = Gauge(
+        self._rate = self._gauge(
             "bentospec_spec_decode_acceptance_rate",
             "Accepted / drafted speculative tokens since the engine started.",
-            labelnames=list(labels),
-            registry=None,
-            multiprocess_mode="livemostrecent",
-        ).labels(**labels)
-        self._length = Gauge(
+            model_name,
+        )
+        self._length = self._gauge(
             "bentospec_spec_decode_mean_acceptance_length",
             "Tokens emitted per verification step (1 + accepted / drafts) since start.",
-            labelnames=list(labels),
+            model_name,
+        )
+
+    @staticmethod
+    def _gauge(name: str, documentation: str, model_name: str) -> Any:
+        from prometheus_client import Gauge
+
+        return Gauge(
+            name,
+            documentation,
+            labelnames=["model_name"],
             registry=None,
             multiprocess_mode="livemostrecent",
-        ).labels(**labels)
+        ).labels(model_name=model_name)
 
     def refresh(self, counters: SpecCounters) -> None:
         if counters.acceptance_rate is not None:
