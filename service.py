@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from bentospec.auth import APIKeyMiddleware
 from bentospec.engine import EngineStatus, EngineUnavailable, SpecEngine
+from bentospec.gate import EngineGateMiddleware
 from bentospec.generation import RequestRejected, check_request, generate_full, stream_text
 from bentospec.hardware import select_profile
 from bentospec.metrics import SpecGauges, engine_counters
@@ -27,6 +28,7 @@ from bentospec.openai_app import attach, build_openai_app
 from bentospec.packaging import bento_image
 from bentospec.prompts import PromptTemplates
 from bentospec.schemas import GenerateRequest, GenerateResult
+from bentospec.watchdog import watch_engine
 
 
 class ServiceArgs(BaseModel):
@@ -74,6 +76,8 @@ class BentoSpec:
         await self.engine.start()
         await attach(openai_app, self.engine)
         opea_app.state.engine = self.engine
+        # A dead engine core never comes back: restart the worker rather than serve 503s.
+        self._tasks.append(asyncio.create_task(watch_engine(self.engine)))
         if PROFILE.speculative is not None:
             self._tasks.append(asyncio.create_task(self._refresh_gauges()))
 
@@ -116,4 +120,6 @@ class BentoSpec:
         return await generate_full(self.engine, request.prompt, request)
 
 
+# The first added is the outermost: authenticate before telling anything about the engine.
 BentoSpec.add_asgi_middleware(APIKeyMiddleware)
+BentoSpec.add_asgi_middleware(EngineGateMiddleware)

@@ -48,6 +48,8 @@ def engine_kwargs(
         # Aggregate spec-decode counters (Prometheus) and per-request acceptance stats.
         disable_log_stats=False,
         per_request_spec_decode_metrics="summary" if profile.speculative else "none",
+        # BentoML's SIGTERM reaches the engine core too: let it finish streams in flight.
+        shutdown_timeout=profile.serving.drain_timeout,
     )
     if profile.greedy_only:
         # OpenAI requests that leave temperature out get greedy decoding instead of 1.0.

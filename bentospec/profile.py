@@ -188,6 +188,8 @@ class ServingSpec(_Strict):
     max_concurrency: Annotated[int, Field(ge=1)] = 32
     #: Seconds a request may take before BentoML cancels it.
     timeout: Annotated[int, Field(ge=1)] = 600
+    #: Seconds a SIGTERM waits for requests in flight before the engine aborts them.
+    drain_timeout: Annotated[int, Field(ge=0)] = 30
     #: Longest accepted prompt, in characters, checked before tokenizing.
     max_prompt_chars: Annotated[int, Field(ge=1)] = 200_000
 

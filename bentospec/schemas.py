@@ -40,7 +40,8 @@ class SamplingOptions(BaseModel):
         list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
         Field(max_length=MAX_STOP_SEQUENCES),
     ] = []
-    seed: int | None = None
+    #: vLLM seeds are 64-bit; larger values overflow inside the engine.
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
 
 
 class GenerateRequest(SamplingOptions):

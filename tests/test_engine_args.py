@@ -38,6 +38,7 @@ def _common(**engine: Any) -> dict[str, Any]:
         "trust_remote_code": False,
         "disable_log_stats": False,
         "per_request_spec_decode_metrics": "summary",
+        "shutdown_timeout": 30,
         **engine,
     }
 
