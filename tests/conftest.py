@@ -76,6 +76,7 @@ class ServerProcess:
         self.log_path = ROOT / "build" / f"server-{profile}-{self.port}.log"
         self.log_path.parent.mkdir(exist_ok=True)
         self._log = self.log_path.open("wb")
+        self.home = ROOT / "build" / f"bentoml-home-{self.port}"
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -91,7 +92,9 @@ class ServerProcess:
                 f"profile={profile}",
             ],
             cwd=ROOT,
-            env={**os.environ, **(env or {})},
+            # BentoML keeps Prometheus' multiprocess files under BENTOML_HOME and wipes them when
+            # a server starts: servers sharing one home would erase each other's metrics.
+            env={**os.environ, "BENTOML_HOME": str(self.home), **(env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
