@@ -25,8 +25,10 @@ import math
 import os
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
 DEFAULT_OUT = Path("bench-results")
+LOG_DIR = PROJECT_ROOT / "build"
 GENERATION_TOKENS = "vllm:generation_tokens"
 #: Label of the no-speculation baseline config.
 NO_SPEC = "no-spec"
@@ -99,8 +102,6 @@ class RequestRecord(BaseModel):
     """One request's timing as its client saw the stream."""
 
     ttft_s: float
-    latency_s: float
-    output_tokens: int
     #: Per-token inter-token latencies after the first chunk (see the module docstring).
     itl_s: list[float]
 
@@ -115,12 +116,7 @@ def record_from_chunks(start: float, chunks: Sequence[tuple[float, int]]) -> Req
         for (previous, _), (arrival, tokens) in pairwise(chunks)
         for _ in range(tokens)
     ]
-    return RequestRecord(
-        ttft_s=chunks[0][0] - start,
-        latency_s=chunks[-1][0] - start,
-        output_tokens=sum(n for _, n in chunks),
-        itl_s=itl,
-    )
+    return RequestRecord(ttft_s=chunks[0][0] - start, itl_s=itl)
 
 
 def token_chunks(
@@ -292,10 +288,9 @@ class TargetCheck(BaseModel):
 
 def target_checks(rows: Sequence[BenchRow], ratios: Sequence[ServiceRatio]) -> list[TargetCheck]:
     """The issue's targets against what was measured (only those the run has data for)."""
-    compared = [r for r in rows if r.speedup is not None]
-    top = max((r.concurrency for r in compared), default=None)
+    top = max((r.concurrency for r in rows if r.speedup is not None), default=None)
     checks: list[TargetCheck] = []
-    for row in compared:
+    for row in rows:
         spec, gain = row.speculative, row.speedup
         if spec is None or gain is None:
             continue
@@ -327,6 +322,45 @@ def target_checks(rows: Sequence[BenchRow], ratios: Sequence[ServiceRatio]) -> l
         for r in ratios
     )
     return checks
+
+
+class ConfigSummary(BaseModel):
+    """One speculative config over all its levels: the figures a reader quotes."""
+
+    config: str
+    via: Via
+    speculative: SpeculativeSpec
+    #: Speedup by concurrency level.
+    speedups: dict[int, float]
+    #: Spec-decode counts summed over the levels.
+    spec: SpecCounters
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def median_speedup(self) -> float:
+        return statistics.median(self.speedups.values())
+
+
+def summarize_configs(rows: Sequence[BenchRow]) -> list[ConfigSummary]:
+    """One summary per speculative config (and ``via``) that has speedups."""
+    groups: dict[tuple[str, Via], list[tuple[BenchRow, SpeculativeSpec, float]]] = {}
+    for row in rows:
+        if row.speculative is not None and row.speedup is not None:
+            groups.setdefault((row.config, row.via), []).append((row, row.speculative, row.speedup))
+    return [
+        ConfigSummary(
+            config=config,
+            via=via,
+            speculative=group[0][1],
+            speedups={row.concurrency: gain for row, _, gain in group},
+            spec=SpecCounters(
+                drafts=sum(row.spec.drafts for row, _, _ in group),
+                draft_tokens=sum(row.spec.draft_tokens for row, _, _ in group),
+                accepted_tokens=sum(row.spec.accepted_tokens for row, _, _ in group),
+            ),
+        )
+        for (config, via), group in groups.items()
+    ]
 
 
 # --- report -------------------------------------------------------------------------------
@@ -375,6 +409,11 @@ class BenchReport(BaseModel):
     started_at: datetime
     finished_at: datetime
     rows: list[BenchRow]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def summary(self) -> list[ConfigSummary]:
+        return summarize_configs(self.rows)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -453,8 +492,39 @@ def results_table(rows: Sequence[BenchRow]) -> str:
     )
 
 
+def summary_table(summaries: Sequence[ConfigSummary]) -> str:
+    levels = sorted({c for summary in summaries for c in summary.speedups})
+    return markdown_table(
+        [
+            "config",
+            "via",
+            "speculation",
+            f"speedup at concurrency {', '.join(map(str, levels))}",
+            "median speedup",
+            "acceptance rate",
+            "acceptance length",
+        ],
+        (
+            [
+                summary.config,
+                summary.via,
+                describe(summary.speculative),
+                ", ".join(
+                    "-" if c not in summary.speedups else f"{summary.speedups[c]:.2f}x"
+                    for c in levels
+                ),
+                f"{summary.median_speedup:.2f}x",
+                _num(summary.spec.acceptance_rate, ".2f"),
+                _num(summary.spec.mean_acceptance_length, ".2f"),
+            ]
+            for summary in summaries
+        ),
+        text_columns=3,
+    )
+
+
 def render_markdown(report: BenchReport) -> str:
-    """The report as Markdown: settings, results, service overhead and targets."""
+    """The report as Markdown: settings, summary, results, service overhead and targets."""
     settings = report.settings
     loads = [r.load_avg for r in report.rows]
     parts = [
@@ -465,8 +535,11 @@ def render_markdown(report: BenchReport) -> str:
         f"{_num(min(loads, default=None))}-{_num(max(loads, default=None))} during the run, "
         f"{report.started_at:%Y-%m-%d %H:%M} UTC.",
         f"Reproduce: `{settings.command()}`",
-        results_table(report.rows),
     ]
+    if report.summary:
+        parts += ["Summary (speedup = tokens/s over no speculation at the same concurrency):"]
+        parts.append(summary_table(report.summary))
+    parts += ["All measurements:", results_table(report.rows)]
     if report.service:
         parts += [
             "Service overhead (`bentoml serve`, streaming `/generate`, vs the in-process engine):",
@@ -483,6 +556,8 @@ def render_markdown(report: BenchReport) -> str:
                     for s in report.service
                 ),
             ),
+            f"Median service/engine ratio: "
+            f"{statistics.median(s.ratio for s in report.service):.2f}.",
         ]
     if report.targets:
         parts += [
@@ -609,12 +684,9 @@ class EngineClient:
 class ServiceClient:
     """Requests through the service's streaming ``/generate``; counters from ``/metrics``."""
 
-    def __init__(self, http: httpx.AsyncClient, model: str) -> None:
+    def __init__(self, http: httpx.AsyncClient, count_tokens: Callable[[str], int]) -> None:
         self._http = http
-        self._tokenizer = tokenizer(model)
-
-    def _count_tokens(self, text: str) -> int:
-        return len(self._tokenizer.encode(text, add_special_tokens=False))
+        self._count_tokens = count_tokens
 
     async def request(self, prompt: str, max_tokens: int) -> RequestRecord:
         body = GenerateRequest(prompt=prompt, **greedy(max_tokens).model_dump())
@@ -633,11 +705,18 @@ class ServiceClient:
 
         response = await self._http.get("/metrics")
         response.raise_for_status()
-        return Counters.from_samples(
+        samples = [
             (sample.name, sample.value)
             for family in text_string_to_metric_families(response.text)
             for sample in family.samples
-        )
+        ]
+        if not any(name.removesuffix("_total") == GENERATION_TOKENS for name, _ in samples):
+            raise RuntimeError(
+                f"{response.url} has no {GENERATION_TOKENS}: each `bentoml serve` empties "
+                "<BENTOML_HOME>/prometheus_multiproc_dir when it starts, so run no other server "
+                "with the same BENTOML_HOME during the benchmark"
+            )
+        return Counters.from_samples(samples)
 
 
 @contextlib.asynccontextmanager
@@ -658,7 +737,10 @@ async def open_service(url: str, model: str) -> AsyncIterator[ServiceClient]:
         headers={"Authorization": f"Bearer {key}"} if key else None,
         timeout=httpx.Timeout(600, connect=10),
     ) as http:
-        yield ServiceClient(http, model)
+        model_tokenizer = tokenizer(model)
+        yield ServiceClient(
+            http, lambda text: len(model_tokenizer.encode(text, add_special_tokens=False))
+        )
 
 
 def free_port() -> int:
@@ -678,8 +760,19 @@ async def serve(profile: str, log_path: Path, timeout: float = 600) -> AsyncIter
         *(sys.executable, "-m", "bentoml", "serve", "service:BentoSpec"),
         *("--host", "127.0.0.1", "--port", str(port), "--arg", f"profile={profile}"),
     ]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    # Every `bentoml serve` empties <BENTOML_HOME>/prometheus_multiproc_dir when it starts: a
+    # home of its own keeps a server started meanwhile (tests) from wiping this one's counters.
+    with (
+        tempfile.TemporaryDirectory(prefix="bentospec-bench-") as home,
+        log_path.open("wb") as log,
+    ):
+        proc = subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            env={**os.environ, "BENTOML_HOME": home},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             await _wait_ready(url, proc, log_path, timeout)
             yield url
@@ -751,12 +844,13 @@ def engine_runs(profiles: Sequence[Profile]) -> list[Run]:
     return [Run(config_id(p, "engine"), functools.partial(open_engine, p)) for p in plan(profiles)]
 
 
-def service_run(profile: Profile, url: str | None, log_dir: Path) -> Run:
-    """``profile`` through HTTP: the service at ``url``, else one started for the run."""
+def service_run(profile: Profile, url: str | None) -> Run:
+    """``profile`` through HTTP: the service at ``url``, else one started for the run (its log
+    goes to ``build/``, not to the results)."""
     opener = (
         functools.partial(open_service, url, profile.model.id)
         if url
-        else functools.partial(open_served, profile, log_dir / f"server-{profile.name}.log")
+        else functools.partial(open_served, profile, LOG_DIR / f"bench-server-{profile.name}.log")
     )
     return Run(config_id(profile, "service"), opener)
 
@@ -792,7 +886,10 @@ async def run_level(
         for _ in range(concurrency):
             group.create_task(worker())
     wall_s = time.perf_counter() - start
-    return Level(records, wall_s, await client.counters() - before)
+    counters = await client.counters() - before
+    if counters.generation_tokens <= 0:
+        raise RuntimeError("the engine's generation counter did not grow: its metrics were reset")
+    return Level(records, wall_s, counters)
 
 
 def requests_per_level(prompts: int, concurrency: int) -> int:
@@ -831,12 +928,14 @@ async def measure(
 
 
 async def run_bench(settings: BenchSettings, cases: Sequence[PromptCase]) -> BenchReport:
+    """In-process runs (unless only ``url`` is measured), then the service run if asked for:
+    the service starts only after the last engine has stopped."""
     profiles = [load_profile(name) for name in settings.profiles]
     runs: list[Run] = []
     if settings.url is None or settings.compare_service:
         runs += engine_runs(profiles)
     if settings.url is not None or settings.compare_service:
-        runs.append(service_run(profiles[0], settings.url, Path(settings.out)))
+        runs.append(service_run(profiles[0], settings.url))
     started = datetime.now(UTC)
     rows = await measure(runs, cases, settings.concurrency, settings.max_tokens)
     return BenchReport(
@@ -867,7 +966,9 @@ def add_load_arguments(parser: argparse.ArgumentParser, concurrency: Sequence[in
     """The prompt and load options bench and tune share."""
     parser.add_argument("--categories", nargs="*", default=[], help="e.g. rag code (default: all)")
     parser.add_argument("--num-prompts", type=int, default=None, help="default: every prompt")
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument(
+        "--max-tokens", type=int, default=128, help="tokens per request at most (default: 128)"
+    )
     parser.add_argument(
         "--concurrency",
         type=int_list,
@@ -896,9 +997,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--profile",
         action="append",
         dest="profiles",
+        metavar="NAME",
         help="profile to compare with no speculation; repeatable (default: cpu)",
     )
-    parser.add_argument("--prompts", help="JSONL prompt file (default: the committed dataset)")
+    parser.add_argument(
+        "--prompts", metavar="FILE", help="JSONL prompt file (default: the committed dataset)"
+    )
     add_load_arguments(parser, DEFAULT_CONCURRENCY)
     parser.add_argument(
         "--url",

@@ -162,11 +162,23 @@ def tuned_profile(profile: Profile, choice: TuneChoice, name: str, prompts: str)
     )
 
 
+class _ProfileDumper(yaml.SafeDumper):
+    """Block style, but lists of scalars on one line, so a schedule step reads ``[1, 2, 7]``."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[object]) -> yaml.SequenceNode:
+    flow = not any(isinstance(item, list | dict) for item in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_ProfileDumper.add_representer(list, _represent_list)
+
+
 def profile_yaml(profile: Profile, comment: str) -> str:
     """A profile file (the name is the file's stem), under ``comment`` as ``#`` lines."""
     header = "".join(f"# {line}".rstrip() + "\n" for line in comment.splitlines())
     data = profile.model_dump(mode="json", exclude={"name"}, exclude_none=True)
-    return header + yaml.safe_dump(data, sort_keys=False)
+    return header + yaml.dump(data, Dumper=_ProfileDumper, sort_keys=False)
 
 
 def levels_table(choice: TuneChoice) -> str:
@@ -220,8 +232,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--profile", default="cpu", help="profile to tune (default: cpu)")
-    parser.add_argument("--prompts", type=Path, required=True, help="JSONL in the dataset format")
+    parser.add_argument(
+        "--profile", default="cpu", metavar="NAME", help="profile to tune (default: cpu)"
+    )
+    parser.add_argument(
+        "--prompts", type=Path, required=True, metavar="FILE", help="JSONL in the dataset format"
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -252,6 +268,8 @@ def run(args: argparse.Namespace) -> int:
     command = "bentospec tune " + shlex.join(
         [
             *("--profile", profile.name, "--prompts", str(args.prompts), "--out", str(out)),
+            *(("--categories", *args.categories) if args.categories else ()),
+            *(("--num-prompts", str(args.num_prompts)) if args.num_prompts is not None else ()),
             *("--k", ",".join(map(str, args.k))),
             *("--windows", ",".join(f"{lo}:{hi}" for lo, hi in args.windows)),
             *("--max-tokens", str(args.max_tokens)),

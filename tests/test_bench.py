@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shlex
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
 from bentospec import bench
@@ -81,11 +84,7 @@ def test_record_splits_chunk_gaps_over_their_tokens() -> None:
     # First token at 0.1 s, one at 0.2 s, then a speculative step of 3 tokens at 0.5 s.
     record = bench.record_from_chunks(0.0, [(0.1, 1), (0.2, 1), (0.3, 0), (0.5, 3)])
     assert record.ttft_s == pytest.approx(0.1)
-    assert record.latency_s == pytest.approx(0.5)
-    assert record.output_tokens == 5
     assert record.itl_s == pytest.approx([0.1, 0.1, 0.1, 0.1])
-    # Per-token latencies add up to the time after the first chunk.
-    assert sum(record.itl_s) == pytest.approx(record.latency_s - record.ttft_s)
 
 
 def test_record_needs_tokens() -> None:
@@ -125,8 +124,8 @@ def test_counters_sum_engines_and_subtract() -> None:
 def test_summarize_aggregates_records_and_counters() -> None:
     config = ConfigId(config="cpu", via="engine", model="m", speculative=NGRAM)
     records = [
-        RequestRecord(ttft_s=0.1, latency_s=1.0, output_tokens=3, itl_s=[0.01, 0.03]),
-        RequestRecord(ttft_s=0.3, latency_s=2.0, output_tokens=2, itl_s=[0.02]),
+        RequestRecord(ttft_s=0.1, itl_s=[0.01, 0.03]),
+        RequestRecord(ttft_s=0.3, itl_s=[0.02]),
     ]
     counters = Counters(
         generation_tokens=6, spec=SpecCounters(drafts=4, draft_tokens=12, accepted_tokens=6)
@@ -191,6 +190,83 @@ def test_target_checks() -> None:
         ("tokens/s vs no-spec at concurrency 16", "cpu-draft"): True,
         ("service/engine tokens/s at concurrency 1", "cpu"): False,
     }
+
+
+METRICS = """\
+# HELP vllm:generation_tokens_total Number of generation tokens processed.
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{engine="0",model_name="m"} 42.0
+# TYPE vllm:spec_decode_num_drafts_total counter
+vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 4.0
+# TYPE vllm:spec_decode_num_draft_tokens_total counter
+vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 20.0
+# TYPE vllm:spec_decode_num_accepted_tokens_total counter
+vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 8.0
+"""
+
+
+def test_service_client_streams_greedy_requests_and_reads_metrics() -> None:
+    """The HTTP side against a fake service: what it sends, how it counts what comes back."""
+    sent: list[dict[str, object]] = []
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for piece in (b"The", b" answer", b" is", b" 42"):
+            yield piece
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text=METRICS)
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, content=pieces())
+
+    async def run() -> tuple[RequestRecord, Counters]:
+        transport = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as http:
+            client = bench.ServiceClient(http, lambda text: len(text.split()))
+            return await client.request("prompt", 16), await client.counters()
+
+    record, counters = asyncio.run(run())
+    # Greedy, and never top_k: it crashes vLLM's CPU rejection sampler.
+    assert sent == [{"prompt": "prompt", "max_tokens": 16, "temperature": 0.0}]
+    assert record.ttft_s >= 0
+    assert len(record.itl_s) == 3  # four one-word pieces: three gaps after the first
+    assert counters == Counters(
+        generation_tokens=42, spec=SpecCounters(drafts=4, draft_tokens=20, accepted_tokens=8)
+    )
+
+
+def test_service_client_refuses_metrics_without_vllm_counters() -> None:
+    """A /metrics emptied by another server's start must not read as 0 tokens/s."""
+
+    async def run() -> Counters:
+        transport = httpx.MockTransport(lambda _: httpx.Response(200, text="# nothing\n"))
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as http:
+            return await bench.ServiceClient(http, len).counters()
+
+    with pytest.raises(RuntimeError, match="BENTOML_HOME"):
+        asyncio.run(run())
+
+
+def test_config_summary_over_levels() -> None:
+    rows = bench.with_speedups(
+        [
+            make_row(bench.NO_SPEC, 1, 50.0, speculative=None),
+            make_row(bench.NO_SPEC, 4, 100.0, speculative=None),
+            make_row(bench.NO_SPEC, 16, 100.0, speculative=None),
+            make_row("cpu", 1, 100.0),
+            make_row("cpu", 4, 120.0),
+            make_row("cpu", 16, 90.0),
+        ]
+    )
+    (summary,) = bench.summarize_configs(rows)
+    assert (summary.config, summary.via, summary.speculative) == ("cpu", "engine", NGRAM)
+    assert summary.speedups == {
+        1: pytest.approx(2.0),
+        4: pytest.approx(1.2),
+        16: pytest.approx(0.9),
+    }
+    assert summary.median_speedup == pytest.approx(1.2)
+    assert summary.spec == SpecCounters(drafts=30, draft_tokens=150, accepted_tokens=60)
 
 
 def test_plan_runs_one_baseline_per_model_then_each_method() -> None:
@@ -270,6 +346,7 @@ def test_markdown_and_report_files_round_trip(tmp_path: Path) -> None:
     original = report(rows)
     text = bench.write_report(original, tmp_path)
     assert "Reproduce: `bentospec bench --profile cpu --categories rag" in text
+    assert "| cpu | engine | ngram k=5 n=2..5 | 2.00x | 2.00x | 0.40 | 3.00 |" in text  # summary
     assert "| cpu | 1 | 100.0 | 97.0 | 0.97 |" in text  # service overhead table
     assert "| tokens/s vs no-spec at concurrency 1 | cpu | 2.00 | >= 2 | yes |" in text
     assert (tmp_path / "results.md").read_text() == text
