@@ -231,7 +231,8 @@ def test_bad_input_table_covers_every_public_route() -> None:
 def test_dropped_stream_aborts_the_engine_request(server: ServerProcess) -> None:
     with httpx.Client(base_url=server.url, timeout=120) as client:
         before = engine_gauges(client)
-        body = {"prompt": COUNTING, "max_tokens": 400}
+        # Long enough (~15 s here) to still be generating when the gauges are read.
+        body = {"prompt": COUNTING, "max_tokens": 3000}
         with client.stream("POST", "/generate", json=body) as r:
             assert r.status_code == 200
             assert len(list(itertools.islice(r.iter_text(), 3))) == 3
