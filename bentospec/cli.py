@@ -81,13 +81,20 @@ def _profiles_check(args: argparse.Namespace) -> int:
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     verify = sub.add_parser(
-        "verify", help="greedy output with speculation must equal output without (exit 1 if not)"
+        "verify",
+        help="speculation must not change the output: greedy token for token, or the sampled "
+        "distribution with --sampling (exit 1 if not)",
     )
     verify.add_argument("--profile", default="cpu")
     verify.add_argument("--max-tokens", type=int, default=64)
     verify.add_argument("--num-prompts", type=int, default=None, help="default: whole dataset")
     verify.add_argument("--categories", nargs="*", default=None, help="e.g. rag code")
     verify.add_argument("--dtype", default="float32", help="float32 makes the check exact")
+    sampling = verify.add_argument_group("--sampling: distribution check on one raw prompt")
+    sampling.add_argument("--sampling", action="store_true")
+    sampling.add_argument("--prompt", default=None, help="raw prompt (default: a built-in one)")
+    sampling.add_argument("--samples", type=int, default=400, help="completions per run")
+    sampling.add_argument("--temperature", type=float, default=1.0)
     verify.set_defaults(handler=_verify)
 
 
@@ -97,9 +104,32 @@ def _verify(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from bentospec.dataset import load_cases, render_cases
-    from bentospec.verify import verify
+    from bentospec.verify import SAMPLING_PROMPT, verify, verify_sampling
 
     profile = load_profile(args.profile)
+    if args.sampling:
+        sampled = asyncio.run(
+            verify_sampling(
+                profile,
+                args.prompt or SAMPLING_PROMPT,
+                samples=args.samples,
+                temperature=args.temperature,
+                dtype=args.dtype,
+            )
+        )
+        for p in sampled.positions:
+            print(
+                f"position {p.position}: chi2={p.chi2:.1f} over {p.categories} categories, "
+                f"p={p.p_value:.3g}, TVD={p.tvd:.3f}"
+            )
+        print(
+            f"{sampled.profile} ({sampled.method}, {sampled.dtype}, T={sampled.temperature}): "
+            f"{sampled.samples} samples per run, {sampled.accepted_tokens}/"
+            f"{sampled.draft_tokens} drafts accepted; "
+            f"{'same distribution' if sampled.ok else 'DISTRIBUTIONS DIFFER'} "
+            f"(family-wise alpha {sampled.alpha})"
+        )
+        return 0 if sampled.ok else 1
     cases = load_cases(categories=set(args.categories or ()), limit=args.num_prompts)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(profile.model.id))
     prompts = render_cases(cases, tokenizer)
@@ -122,10 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_profiles(sub)
     _add_verify(sub)
-    from bentospec import bench, tune
+    from bentospec import kubernetes, tune
+    from bentospec.bench import cli as bench_cli
 
-    bench.add_parser(sub)
+    bench_cli.add_parser(sub)
     tune.add_parser(sub)
+    kubernetes.add_parser(sub)
     return parser
 
 

@@ -1,7 +1,8 @@
 """The vLLM engine a service owns: build it from a profile, run requests, report its health.
 
 The engine is created off the event loop so that a BentoML worker answers liveness probes while
-weights load; readiness follows :attr:`SpecEngine.status`.
+weights load; readiness follows :attr:`SpecEngine.status`. Prompts are tokenized off the event
+loop too: a 200k-character prompt takes ~0.1 s, which would stall every other stream.
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ import asyncio
 import enum
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, cast
 
+from bentospec import vllm_api
 from bentospec.engine_args import build_engine_args
 from bentospec.model_store import resolve_model
 from bentospec.profile import Profile
+from bentospec.prompts import ChatEncoder
 
 if TYPE_CHECKING:
-    from vllm import RequestOutput, SamplingParams
-    from vllm.v1.engine.async_llm import AsyncLLM
+    from bentospec.vllm_api import AsyncLLM, RequestOutput, SamplingParams, TokensPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +49,15 @@ class SpecEngine:
         #: Local directory of the target model, once resolved.
         self.model_path: str | None = None
         self._llm: AsyncLLM | None = None
+        self._chat: ChatEncoder | None = None
+        #: One thread: prompts tokenize off the event loop, in turn, so that long ones never
+        #: take more than one core from the engine core.
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="bentospec-tokenize")
 
     @property
     def status(self) -> EngineStatus:
         if self._llm is not None:
-            return EngineStatus.DEAD if self._llm.errored else EngineStatus.READY
+            return EngineStatus.DEAD if vllm_api.engine_errored(self._llm) else EngineStatus.READY
         return EngineStatus.FAILED if self.error is not None else EngineStatus.LOADING
 
     @property
@@ -67,14 +74,12 @@ class SpecEngine:
         try:
             self._llm = await asyncio.to_thread(self._create)
         except Exception as exc:
+            # The caller logs and acts (the service's supervisor restarts the worker).
             self.error = f"{type(exc).__name__}: {exc}"
-            logger.exception("engine for profile %r failed to start", self.profile.name)
             raise
         logger.info("engine for profile %r is ready", self.profile.name)
 
     def _create(self) -> AsyncLLM:
-        from vllm import AsyncLLMEngine
-
         model = self.model_path = resolve_model(self.profile.model.id)
         spec = self.profile.speculative
         draft = resolve_model(spec.model) if spec is not None and spec.model else None
@@ -85,10 +90,30 @@ class SpecEngine:
             model,
             args.speculative_config,
         )
-        return AsyncLLMEngine.from_engine_args(args)
+        llm = vllm_api.start_engine(args)
+        self._chat = ChatEncoder(llm.get_tokenizer())
+        return llm
+
+    async def encode(self, prompt: str) -> list[int]:
+        """Token ids of a raw prompt, as vLLM tokenizes one (special-token strings included)."""
+        return await self._tokenize(self.llm.get_tokenizer().encode, prompt)
+
+    async def encode_chat(self, message: str) -> list[int]:
+        """Token ids of untrusted ``message`` as the user turn of the model's chat template."""
+        self.llm  # noqa: B018 - raises unless ready; the encoder is built with the engine
+        return await self._tokenize(cast(ChatEncoder, self._chat).encode, message)
+
+    async def _tokenize(self, encode: Callable[[str], list[int]], text: str) -> list[int]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_thread, encode, text)
+
+    def generation_defaults(self) -> dict[str, object]:
+        """The model's ``generation_config.json`` sampling values (what ``vllm serve`` applies
+        to requests that leave them out); empty where the model sets none."""
+        return vllm_api.generation_defaults(self.llm)
 
     async def generate(
-        self, prompt: str, params: SamplingParams, request_id: str | None = None
+        self, prompt: str | TokensPrompt, params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Stream outputs of one request (deltas if ``params.output_kind`` says so).
 
@@ -99,10 +124,11 @@ class SpecEngine:
             yield output
 
     def num_unfinished_requests(self) -> int:
-        return self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+        return vllm_api.unfinished_requests(self._llm) if self._llm is not None else 0
 
     def shutdown(self) -> None:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
             self.error = "engine was shut down"
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)

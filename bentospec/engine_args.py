@@ -6,12 +6,15 @@ resolved arguments (and tests can check GPU profiles) on a machine that cannot r
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
+from bentospec import vllm_api
+from bentospec.adaptive import CONFIG_KEY, PROPOSER_CLASS, AdaptiveSettings
 from bentospec.profile import Profile, SpeculativeSpec
 
 if TYPE_CHECKING:
-    from vllm import AsyncEngineArgs
+    from bentospec.vllm_api import AsyncEngineArgs
 
 
 def speculative_config(
@@ -20,6 +23,13 @@ def speculative_config(
     """vLLM's ``speculative_config`` dict; ``draft_model`` is the resolved draft location."""
     if spec is None:
         return None
+    if spec.method == "adaptive-ngram":
+        # vLLM loads the proposer class; its settings travel in additional_config.
+        return {
+            "method": "custom_class",
+            "model": PROPOSER_CLASS,
+            "num_speculative_tokens": spec.num_speculative_tokens,
+        }
     config = spec.model_dump(exclude_none=True, exclude_defaults=True, exclude={"model"})
     config["method"] = spec.method
     config["num_speculative_tokens"] = spec.num_speculative_tokens
@@ -30,6 +40,13 @@ def speculative_config(
             list(step) for step in spec.num_speculative_tokens_per_batch_size
         ]
     return config
+
+
+#: ``1`` runs every engine without torch.compile, whatever the profile says. vLLM 0.32 on CPU
+#: recompiles at every start (its AOT cache fails to load: "'function' object has no attribute
+#: 'finalize_loading'"): on 2 AVX2 cores the compile is ~95 s of a 131 s start, for ~11% faster
+#: decoding. The test suite sets it (about 30 engine starts); so may operators who restart often.
+ENFORCE_EAGER_ENV = "BENTOSPEC_ENFORCE_EAGER"
 
 
 def engine_kwargs(
@@ -51,20 +68,34 @@ def engine_kwargs(
         # BentoML's SIGTERM reaches the engine core too: let it finish streams in flight.
         shutdown_timeout=profile.serving.drain_timeout,
     )
-    if profile.greedy_only:
-        # OpenAI requests that leave temperature out get greedy decoding instead of 1.0.
-        kwargs["override_generation_config"] = {"temperature": 0.0}
+    if os.environ.get(ENFORCE_EAGER_ENV) == "1":
+        kwargs["enforce_eager"] = True
     if profile.model.revision is not None:
         kwargs["revision"] = profile.model.revision
+    if profile.openai.reasoning_parser is not None:
+        # As `vllm serve --reasoning-parser`: structured output starts after the thinking.
+        kwargs["reasoning_parser"] = profile.openai.reasoning_parser
     spec = speculative_config(profile.speculative, draft_model)
     if spec is not None:
         kwargs["speculative_config"] = spec
+    if profile.speculative is not None and profile.speculative.step_cost is not None:
+        kwargs["additional_config"] = {CONFIG_KEY: adaptive_settings(profile.speculative)}
+        # The per-step draft counts are what /generate_full reports as the adapter's k over time.
+        kwargs["per_request_spec_decode_metrics"] = "detailed"
     return kwargs
+
+
+def adaptive_settings(spec: SpeculativeSpec) -> dict[str, Any]:
+    """The ``adaptive-ngram`` proposer's settings, as it reads them in the engine core."""
+    return AdaptiveSettings(
+        num_speculative_tokens=spec.num_speculative_tokens,
+        prompt_lookup_min=spec.prompt_lookup_min or spec.prompt_lookup_max or 1,
+        prompt_lookup_max=spec.prompt_lookup_max or 1,
+        step_cost=spec.step_cost or (),
+    ).model_dump(mode="json")
 
 
 def build_engine_args(
     profile: Profile, *, model: str | None = None, draft_model: str | None = None
 ) -> AsyncEngineArgs:
-    from vllm import AsyncEngineArgs
-
-    return AsyncEngineArgs(**engine_kwargs(profile, model=model, draft_model=draft_model))
+    return vllm_api.engine_args(**engine_kwargs(profile, model=model, draft_model=draft_model))

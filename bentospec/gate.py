@@ -1,8 +1,8 @@
-"""Answer the service's own APIs with 503 and the engine's state while it cannot serve.
+"""Answer 503 with the engine's state while it cannot serve: one body shape for every route.
 
 BentoML replaces the message of every 5xx an API raises with a generic one; answering before
-the API runs keeps "engine is loading" / "engine is dead" visible to clients. (The OpenAI and
-OPEA apps answer 503 with the same message themselves.)
+the API runs keeps "engine is loading" / "engine is dead" visible to clients. The OpenAI and
+OPEA apps answer their 503s with :func:`unavailable` too.
 """
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ from bentospec.engine import EngineUnavailable
 GATED_PATHS = frozenset({"/generate", "/generate_full"})
 
 
+def unavailable(message: str) -> JSONResponse:
+    """503 in OpenAI's error shape, which the openai SDK parses and other clients can read."""
+    error = {"message": message, "type": "ServiceUnavailable", "code": 503}
+    return JSONResponse({"error": error}, status_code=503)
+
+
 class EngineGateMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -25,9 +31,13 @@ class EngineGateMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in GATED_PATHS:
             try:
-                bentoml.get_current_service().engine.llm  # noqa: B018 - raises unless ready
-            except (EngineUnavailable, BentoMLException) as exc:
-                detail = str(exc) if isinstance(exc, EngineUnavailable) else "engine is loading"
-                await JSONResponse({"error": detail}, status_code=503)(scope, receive, send)
+                service = bentoml.get_current_service()
+            except BentoMLException:  # raised only before the worker has built the service
+                await unavailable("engine is loading")(scope, receive, send)
+                return
+            try:
+                service.engine.llm  # noqa: B018 - raises unless ready
+            except EngineUnavailable as exc:
+                await unavailable(str(exc))(scope, receive, send)
                 return
         await self.app(scope, receive, send)

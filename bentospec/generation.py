@@ -6,16 +6,18 @@ The OpenAI routes do not come through here: vLLM's own serving layer handles the
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
 
+from bentospec import vllm_api
+from bentospec.adaptive import SWITCH_KEY
 from bentospec.engine import SpecEngine
 from bentospec.metrics import SpecCounters
 from bentospec.profile import Profile
 from bentospec.schemas import GenerateResult, SamplingOptions, SpeculationStats
 
 if TYPE_CHECKING:
-    from vllm import RequestOutput, SamplingParams
+    from bentospec.vllm_api import RequestOutput, SamplingParams, TokensPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ def check_request(
     """Profile-dependent limits, checked before a response starts so a stream can still get 400.
 
     The field names are those of the caller's API, so the error names what the client sent.
-    Raises :class:`EngineUnavailable` if the engine is not ready.
+    The prompt's token count is checked by :func:`tokenized`.
     """
     profile = engine.profile
     limit = profile.engine.max_model_len
@@ -54,13 +56,33 @@ def check_request(
             f"{len(prompt)} characters exceeds the limit of {profile.serving.max_prompt_chars}",
         )
     check_sampling(profile, options)
-    # vLLM tokenizes again; counting here is what lets a streaming request fail with 400.
-    prompt_tokens = len(engine.llm.get_tokenizer().encode(prompt))
-    if prompt_tokens >= limit:
+    spec = profile.speculative
+    if options.speculation == "off" and spec is not None and spec.method != "adaptive-ngram":
+        raise RequestRejected(
+            "speculation",
+            f"'off' needs a profile with method 'adaptive-ngram'; {profile.name!r} uses "
+            f"{spec.method!r}, which vLLM applies to every request alike",
+        )
+
+
+async def tokenized(
+    engine: SpecEngine, prompt: str, *, chat: bool = False, prompt_field: str = "prompt"
+) -> TokensPrompt:
+    """The token ids the engine runs; 400 if they leave no room to generate.
+
+    Tokenized off the event loop, and before the response starts so a stream can still get 400.
+    ``chat`` makes ``prompt`` the user turn of the model's chat template with its special-token
+    strings kept as text: for untrusted text (OPEA query and documents). Raises
+    :class:`EngineUnavailable` if the engine is not ready.
+    """
+    ids = await (engine.encode_chat(prompt) if chat else engine.encode(prompt))
+    limit = engine.profile.engine.max_model_len
+    if len(ids) >= limit:
         raise RequestRejected(
             prompt_field,
-            f"{prompt_tokens} tokens leaves no room to generate within max_model_len={limit}",
+            f"{len(ids)} tokens leaves no room to generate within max_model_len={limit}",
         )
+    return vllm_api.tokens_prompt(ids)
 
 
 def check_sampling(profile: Profile, options: SamplingOptions) -> None:
@@ -71,28 +93,27 @@ def check_sampling(profile: Profile, options: SamplingOptions) -> None:
         raise RequestRejected(
             "min_p", "vLLM does not support min_p with speculative decoding: send 0"
         )
-    if profile.greedy_only and (options.temperature or 0) > 0:
-        raise RequestRejected(
-            "temperature",
-            f"{options.temperature}: profile {profile.name!r} speculates on CPU, where vLLM 0.32 "
-            "is only exact for greedy decoding: send temperature 0 (or leave it out), or serve "
-            "profile 'cpu-nospec' for sampling",
-        )
 
 
-def sampling_params(options: SamplingOptions, profile: Profile, *, stream: bool) -> SamplingParams:
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+def sampling_params(
+    options: SamplingOptions, *, stream: bool, defaults: Mapping[str, Any] | None = None
+) -> SamplingParams:
+    """vLLM's ``SamplingParams`` for ``options``: the one place requests become them.
 
-    sampling_fields = set(SamplingOptions.model_fields) - {"stop", "temperature"}
+    ``defaults`` is the model's generation config (:meth:`SpecEngine.generation_defaults`);
+    like ``vllm serve``, it supplies the temperature a request leaves out (else vLLM's 1.0).
+    """
+    sampling_fields = set(SamplingOptions.model_fields) - {"stop", "temperature", SWITCH_KEY}
     temperature = options.temperature
     if temperature is None:
-        temperature = 0.0 if profile.greedy_only else 1.0
-    return SamplingParams(
+        temperature = (defaults or {}).get("temperature", 1.0)
+    return vllm_api.sampling_params(
+        stream=stream,
         **options.model_dump(include=sampling_fields),
         temperature=temperature,
         stop=list(options.stop) or None,
-        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        # Read per request by the adaptive-ngram proposer in the engine core.
+        extra_args={SWITCH_KEY: "off"} if options.speculation == "off" else None,
     )
 
 
@@ -101,13 +122,24 @@ def speculation_stats(profile: Profile, output: RequestOutput) -> SpeculationSta
     spec = profile.speculative
     if spec is None:
         return SpeculationStats(method=None, applied=False, reason="profile has no speculation")
-    metrics = output.outputs[0].spec_decode_metrics if output.outputs else None
-    stats = SpecCounters.from_request(metrics.to_dict()) if metrics is not None else SpecCounters()
+    summary = vllm_api.request_spec_summary(output)
+    stats = SpecCounters.from_request(summary)
+    steps: dict[str, Any] = {}
+    if generated := vllm_api.generated_tokens(output):
+        # Each decoding step after the prefill's first token emits 1 + its accepted drafts.
+        decode_steps = generated - 1 - stats.accepted_tokens
+        steps = {
+            "steps_with_drafts": stats.drafts,
+            "steps_without_drafts": max(decode_steps - stats.drafts, 0),
+        }
+    if vllm_api.REQUEST_STEP_DRAFTS in summary:
+        steps["drafts_per_step"] = summary[vllm_api.REQUEST_STEP_DRAFTS]
     if stats.draft_tokens == 0:
         reason = "the engine proposed no draft tokens for this request"
         logger.info("request %s ran without speculation: %s", output.request_id, reason)
-        return SpeculationStats(method=spec.method, applied=False, reason=reason)
+        return SpeculationStats(method=spec.method, applied=False, reason=reason, **steps)
     return SpeculationStats(
+        **steps,
         method=spec.method,
         applied=True,
         draft_tokens=stats.draft_tokens,
@@ -118,17 +150,17 @@ def speculation_stats(profile: Profile, output: RequestOutput) -> SpeculationSta
 
 
 async def stream_outputs(
-    engine: SpecEngine, prompt: str, options: SamplingOptions
+    engine: SpecEngine, prompt: str | TokensPrompt, options: SamplingOptions
 ) -> AsyncIterator[RequestOutput]:
     """Delta outputs of one request; closing the iterator aborts the engine request."""
     async for output in engine.generate(
-        prompt, sampling_params(options, engine.profile, stream=True)
+        prompt, sampling_params(options, stream=True, defaults=engine.generation_defaults())
     ):
         yield output
 
 
 async def stream_text(
-    engine: SpecEngine, prompt: str, options: SamplingOptions
+    engine: SpecEngine, prompt: str | TokensPrompt, options: SamplingOptions
 ) -> AsyncIterator[str]:
     """Text deltas of one request; closing the iterator aborts the engine request."""
     async for output in stream_outputs(engine, prompt, options):
@@ -137,12 +169,12 @@ async def stream_text(
 
 
 async def generate_full(
-    engine: SpecEngine, prompt: str, options: SamplingOptions
+    engine: SpecEngine, prompt: str | TokensPrompt, options: SamplingOptions
 ) -> GenerateResult:
     """Run one request to completion and report its tokens and speculation stats."""
     final: RequestOutput | None = None
     async for output in engine.generate(
-        prompt, sampling_params(options, engine.profile, stream=False)
+        prompt, sampling_params(options, stream=False, defaults=engine.generation_defaults())
     ):
         final = output
     if final is None or not final.outputs:

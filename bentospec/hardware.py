@@ -60,8 +60,12 @@ def detect() -> Hardware:
             )
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # no NVML library or no driver: fall back to torch
-        pass
+    except ImportError:
+        logger.info("NVML (nvidia-ml-py) is not installed: asking torch for CUDA GPUs")
+    except Exception as exc:  # pynvml.NVMLError and anything else the driver raises
+        logger.info(
+            "NVML found no GPU (%s: %s): asking torch for CUDA GPUs", type(exc).__name__, exc
+        )
     try:
         import torch
 
@@ -76,7 +80,7 @@ def detect() -> Hardware:
                 )
             )
     except ImportError:
-        pass
+        logger.info("torch is not installed: assuming no CUDA GPU")
     return Hardware()
 
 

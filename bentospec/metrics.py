@@ -7,14 +7,15 @@ Acceptance rate = accepted / drafted tokens; mean acceptance length = 1 + accept
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-#: vLLM's Prometheus counter names (without the ``_total`` suffix).
-DRAFTS = "vllm:spec_decode_num_drafts"
-DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
-ACCEPTED_TOKENS = "vllm:spec_decode_num_accepted_tokens"
+from bentospec import vllm_api
+from bentospec.vllm_api import ACCEPTED_TOKENS, DRAFT_TOKENS, DRAFTS
+
+if TYPE_CHECKING:
+    from bentospec.profile import Profile
 
 
 class SpecCounters(BaseModel):
@@ -46,9 +47,9 @@ class SpecCounters(BaseModel):
     def from_request(cls, summary: Mapping[str, Any]) -> SpecCounters:
         """From vLLM's per-request ``RequestSpecDecodeMetrics.to_dict()``."""
         return cls(
-            drafts=summary.get("num_spec_steps", 0),
-            draft_tokens=summary.get("num_draft_tokens", 0),
-            accepted_tokens=summary.get("num_accepted_draft_tokens", 0),
+            drafts=summary.get(vllm_api.REQUEST_SPEC_STEPS, 0),
+            draft_tokens=summary.get(vllm_api.REQUEST_DRAFT_TOKENS, 0),
+            accepted_tokens=summary.get(vllm_api.REQUEST_ACCEPTED_TOKENS, 0),
         )
 
     @classmethod
@@ -68,13 +69,7 @@ class SpecCounters(BaseModel):
     @classmethod
     def from_prometheus_text(cls, text: str) -> SpecCounters:
         """From a Prometheus text exposition (a service's ``/metrics``)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        return cls.from_samples(
-            (sample.name, sample.value)
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        )
+        return cls.from_samples(prometheus_samples(text))
 
 
 class SpecGauges:
@@ -99,15 +94,7 @@ class SpecGauges:
 
     @staticmethod
     def _gauge(name: str, documentation: str, model_name: str) -> Any:
-        from prometheus_client import Gauge
-
-        return Gauge(
-            name,
-            documentation,
-            labelnames=["model_name"],
-            registry=None,
-            multiprocess_mode="livemostrecent",
-        ).labels(model_name=model_name)
+        return live_gauge(name, documentation, model_name=model_name)
 
     def refresh(self, counters: SpecCounters) -> None:
         if counters.acceptance_rate is not None:
@@ -116,10 +103,65 @@ class SpecGauges:
             self._length.set(counters.mean_acceptance_length)
 
 
+class StatusGauges:
+    """Which profile serves which model, and whether its engine is ready, on ``/metrics``.
+
+    ``bentospec_profile_info`` is an info-style gauge (always 1): dashboards and alerts read
+    the profile from its labels and join on ``model_name``, vLLM's own label.
+    ``bentospec_engine_ready`` is 0 until the engine has loaded; a worker whose engine dies is
+    restarted (``watchdog``), and its successor starts again at 0.
+    """
+
+    def __init__(self, profile: Profile) -> None:
+        spec = profile.speculative
+        live_gauge(
+            "bentospec_profile_info",
+            "The profile this service runs (always 1; the labels carry the information).",
+            profile=profile.name,
+            model_name=profile.served_model_name,
+            method=spec.method if spec is not None else "none",
+            accelerator=profile.hardware.accelerator,
+        ).set(1)
+        self._ready = live_gauge(
+            "bentospec_engine_ready",
+            "1 once the engine is loaded and serving, 0 while it loads or after it failed.",
+            model_name=profile.served_model_name,
+        )
+        self._ready.set(0)
+
+    def set_ready(self, ready: bool) -> None:
+        self._ready.set(1 if ready else 0)
+
+
+def live_gauge(name: str, documentation: str, **labels: str) -> Any:
+    """An unregistered gauge child with ``labels`` set (see :class:`SpecGauges` for why)."""
+    from prometheus_client import Gauge
+
+    return Gauge(
+        name,
+        documentation,
+        labelnames=list(labels),
+        registry=None,
+        multiprocess_mode="livemostrecent",
+    ).labels(**labels)
+
+
 def engine_counters() -> SpecCounters:
     """This process's vLLM spec-decode counters (the engine's front end records them here)."""
-    from vllm.v1.metrics.reader import Counter, get_metrics_snapshot
+    return SpecCounters.from_samples(engine_samples())
 
-    return SpecCounters.from_samples(
-        (m.name, m.value) for m in get_metrics_snapshot() if isinstance(m, Counter)
-    )
+
+def prometheus_samples(text: str) -> list[tuple[str, float]]:
+    """(metric name, value) of every sample in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [
+        (sample.name, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def engine_samples() -> list[tuple[str, float]]:
+    """(metric name, value) of this process's vLLM counters (an in-process engine's)."""
+    return vllm_api.counter_samples()

@@ -2,34 +2,55 @@
 
 ``POST /v1/spec_decode/completions`` takes OPEA's ``LLMParamsDoc`` fields; the prompt is built
 from ``prompts/`` (RAG template with documents, plain without) and the model's chat template.
-Streaming answers are proper SSE: ``data: {json}`` events and ``data: [DONE]``.
+Streaming answers are proper SSE (:mod:`bentospec.sse`): ``data: {json}`` events, an error
+event if generation fails part-way, keep-alive comments while quiet, and ``data: [DONE]``.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import Field
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from bentospec import sse
 from bentospec.engine import EngineStatus, EngineUnavailable, SpecEngine
+from bentospec.gate import unavailable
 from bentospec.generation import (
     RequestRejected,
     check_request,
     generate_full,
     speculation_stats,
     stream_outputs,
+    tokenized,
 )
-from bentospec.prompts import PromptTemplates, chat_prompt
-from bentospec.schemas import GenerateResult, HealthStatus, OPEACompletionRequest
+from bentospec.prompts import PromptTemplates
+from bentospec.schemas import (
+    GenerateResult,
+    HealthStatus,
+    OPEACompletionRequest,
+    SamplingOptions,
+)
+
+if TYPE_CHECKING:
+    from bentospec.vllm_api import TokensPrompt
+
+logger = logging.getLogger(__name__)
+
+#: Swagger UI group of these routes.
+OPEA_TAG = "OPEA"
 
 
 class OPEAGeneratedDoc(GenerateResult):
     """OPEA's ``GeneratedDoc`` (``text``, ``prompt``) plus token counts and speculation stats."""
 
     prompt: str
+    #: Request fields that were accepted but not applied, with the reason.
+    ignored_fields: dict[str, str] = Field(default_factory=dict)
 
 
 def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
@@ -59,7 +80,7 @@ def build_opea_app(templates: PromptTemplates) -> FastAPI:
             raise EngineUnavailable("engine is loading")
         return engine
 
-    @app.get("/v1/health_check", response_model=HealthStatus)
+    @app.get("/v1/health_check", response_model=HealthStatus, tags=[OPEA_TAG])
     async def health_check(request: Request) -> JSONResponse:
         """OPEA health check: 200 once the engine serves, 503 before or after."""
         engine: SpecEngine | None = request.app.state.engine
@@ -79,12 +100,20 @@ def build_opea_app(templates: PromptTemplates) -> FastAPI:
         "/v1/spec_decode/completions",
         response_model=OPEAGeneratedDoc,
         responses={200: {"content": {"text/event-stream": {}}}},
+        tags=[OPEA_TAG],
     )
     async def spec_decode_completions(body: OPEACompletionRequest, request: Request) -> Response:
         """Generate an answer to ``query`` from ``documents`` with speculative decoding."""
         try:
             engine = engine_of(request)
-            message = templates.question(body.query, body.document_texts())
+            if body.model is not None and body.model != engine.profile.served_model_name:
+                return _error(
+                    404,
+                    f"model: {body.model!r} is not served here; this service serves "
+                    f"{engine.profile.served_model_name!r}",
+                    "model",
+                )
+            message = templates.question(body.query, body.document_texts(), body.chat_template)
             options = body.sampling()
             check_request(
                 engine,
@@ -93,30 +122,41 @@ def build_opea_app(templates: PromptTemplates) -> FastAPI:
                 prompt_field="query",
                 max_tokens_field="max_new_tokens",
             )
-            prompt = chat_prompt(engine.llm.get_tokenizer(), message)
+            prompt = await tokenized(engine, message, chat=True, prompt_field="query")
         except EngineUnavailable as exc:
-            return _error(503, str(exc))
+            return unavailable(str(exc))
         except RequestRejected as exc:
             return _error(400, str(exc), exc.field)
+        ignored = body.ignored_fields()
+        if ignored:
+            logger.warning("OPEA request fields ignored: %s", ignored)
         if body.streaming:
-            return StreamingResponse(_sse(engine, prompt, body), media_type="text/event-stream")
+            events = sse.with_keepalive(sse.framed(_events(engine, prompt, options, ignored)))
+            return StreamingResponse(events, media_type="text/event-stream")
         result = await generate_full(engine, prompt, options)
-        return JSONResponse(OPEAGeneratedDoc(**result.model_dump(), prompt=body.query).model_dump())
+        doc = OPEAGeneratedDoc(**result.model_dump(), prompt=body.query, ignored_fields=ignored)
+        return JSONResponse(doc.model_dump())
 
     return app
 
 
-async def _sse(engine: SpecEngine, prompt: str, body: OPEACompletionRequest) -> AsyncIterator[str]:
-    """SSE events: one per text delta, a last one with finish reason and speculation stats."""
-    async for output in stream_outputs(engine, prompt, body.sampling()):
+async def _events(
+    engine: SpecEngine,
+    prompt: TokensPrompt,
+    options: SamplingOptions,
+    ignored: dict[str, str],
+) -> AsyncIterator[dict[str, Any]]:
+    """One event per text delta; the last one has finish reason, usage and speculation stats."""
+    async for output in stream_outputs(engine, prompt, options):
         completion = output.outputs[0]
         if completion.text:
-            yield f"data: {json.dumps({'text': completion.text})}\n\n"
+            yield {"text": completion.text}
         if output.finished:
-            final = {
+            yield {
                 "text": "",
                 "finish_reason": completion.finish_reason,
+                "prompt_tokens": len(output.prompt_token_ids or ()),
+                "completion_tokens": len(completion.token_ids),
                 "speculation": speculation_stats(engine.profile, output).model_dump(),
+                "ignored_fields": ignored,
             }
-            yield f"data: {json.dumps(final)}\n\n"
-    yield "data: [DONE]\n\n"

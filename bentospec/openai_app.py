@@ -1,33 +1,42 @@
 """Glue to vLLM 0.32's own OpenAI serving layer, around the engine the service owns.
 
-These are vLLM-internal modules (``vllm.entrypoints.launchers``), so the vLLM version is pinned
-and this is the only file a vLLM upgrade should have to touch.
+The serving layer is vLLM-internal (``vllm.entrypoints.launchers``): it is reached through
+:mod:`bentospec.vllm_api`, like everything else the project takes from vLLM.
 """
 
 from __future__ import annotations
 
 import contextlib
-from argparse import Namespace
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bentospec import vllm_api
 from bentospec.engine import EngineUnavailable, SpecEngine
-from bentospec.generation import RequestRejected, check_sampling
-from bentospec.schemas import SamplingOptions
+from bentospec.gate import unavailable
 
-#: The OpenAI routes the service exposes; the rest of ``vllm serve``'s API stays private.
-OPENAI_ROUTES = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions"})
+CHAT_PATH = "/v1/chat/completions"
+#: The routes of vLLM's serving layer the service exposes: what OpenAI-SDK clients call
+#: (``/v1/responses`` is stateless: retrieving or cancelling stored responses needs vLLM's
+#: in-memory store, which is off), plus vLLM's tokenizer routes. The rest stays private.
+OPENAI_ROUTES = frozenset(
+    {
+        "/v1/models",
+        "/v1/completions",
+        CHAT_PATH,
+        "/v1/responses",
+        "/tokenize",
+        "/detokenize",
+    }
+)
+#: Swagger UI group of these routes.
+OPENAI_TAG = "OpenAI"
 _SUPPORTED_TASKS = ("generate",)
-
-
-def _serve_args(*argv: str) -> Namespace:
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    return make_arg_parser(FlexibleArgumentParser()).parse_args(list(argv))
 
 
 @contextlib.asynccontextmanager
@@ -43,9 +52,7 @@ def build_openai_app() -> FastAPI:
     so its :data:`OPENAI_ROUTES` move to a fresh app where the readiness gate can be added.
     Built at import time so that BentoML's ``/docs.json`` lists the routes.
     """
-    from vllm.entrypoints.launchers.app import build_app
-
-    vllm_app = build_app(_serve_args(), _SUPPORTED_TASKS, None)
+    vllm_app = vllm_api.build_serve_app(vllm_api.serve_args(), _SUPPORTED_TASKS)
     # No docs routes of its own: BentoML's Swagger UI (``/``, ``/docs.json``) lists these routes.
     app = FastAPI(
         title="OpenAI-compatible API (vLLM)",
@@ -54,11 +61,14 @@ def build_openai_app() -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.router.routes.extend(
-        r for r in vllm_app.router.routes if getattr(r, "path", None) in OPENAI_ROUTES
-    )
+    for route in vllm_app.router.routes:
+        if isinstance(route, APIRoute) and route.path in OPENAI_ROUTES:
+            route.tags = [OPENAI_TAG]
+            app.router.routes.append(route)
     app.exception_handlers.update(vllm_app.exception_handlers)
     app.state.bentospec_engine = None
+    app.state.bentospec_attached = False
+    app.add_middleware(StringMessagesMiddleware)
 
     @app.middleware("http")
     async def _guard(
@@ -68,48 +78,115 @@ def build_openai_app() -> FastAPI:
         try:
             if engine is None:
                 raise EngineUnavailable("engine is loading")
-            engine.llm  # noqa: B018 - raises unless ready (catches a dead engine too)
-            if request.method == "POST":
-                await _check_sampling(request, engine)
+            engine.llm  # noqa: B018 - raises unless ready: names a failed load or a dead engine
+            if not request.app.state.bentospec_attached:
+                raise EngineUnavailable("engine is loading")  # ready, serving layer not yet
         except EngineUnavailable as exc:
-            return _openai_error(503, "ServiceUnavailable", str(exc))
-        except RequestRejected as exc:
-            return _openai_error(400, "BadRequestError", str(exc), exc.field)
+            return unavailable(str(exc))
+        if request.method == "POST" and (refused := await _too_many_choices(request, engine)):
+            return refused
         return await call_next(request)
 
     return app
 
 
-def _openai_error(status: int, kind: str, message: str, param: str | None = None) -> JSONResponse:
-    error = {"message": message, "type": kind, "param": param, "code": status}
-    return JSONResponse({"error": error}, status_code=status)
+async def _too_many_choices(request: Request, engine: SpecEngine) -> JSONResponse | None:
+    """400 for ``n`` beyond the profile's ``max_num_seqs``, which vLLM would accept and run.
 
-
-async def _check_sampling(request: Request, engine: SpecEngine) -> None:
-    """Refuse what the profile's speculation cannot honour before vLLM sees it (or crashes)."""
+    One request's copies would fill the batch and queue everyone else behind them.
+    """
     try:
         body = await request.json()
     except ValueError:
-        return  # vLLM answers malformed JSON itself
-    if not isinstance(body, dict):
-        return
-    temperature, min_p = body.get("temperature"), body.get("min_p")
-    if isinstance(temperature, int | float) or isinstance(min_p, int | float):
-        check_sampling(
-            engine.profile,
-            SamplingOptions.model_construct(temperature=temperature, min_p=min_p or 0.0),
-        )
+        return None  # vLLM answers malformed JSON itself
+    n = body.get("n") if isinstance(body, dict) else None
+    limit = engine.profile.engine.max_num_seqs
+    if not isinstance(n, int) or n <= limit:
+        return None
+    message = f"n must be at most {limit} (the profile's max_num_seqs), got {n}"
+    error = {"message": message, "type": "BadRequestError", "param": "n", "code": 400}
+    return JSONResponse({"error": error}, status_code=400)
+
+
+class StringMessagesMiddleware:
+    """Chat requests whose ``messages`` is one string become one user message.
+
+    OPEA's LLM microservice accepts ``{"messages": "What is Deep Learning?"}`` and its clients
+    send it; vLLM's request model only takes a list of messages.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != CHAT_PATH:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # disconnected before the body arrived
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = _messages_as_list(b"".join(chunks))
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:  # later reads wait for the disconnect, as vLLM's cancellation expects
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app({**scope, "headers": headers}, replay, send)
+
+
+def _messages_as_list(body: bytes) -> bytes:
+    """``body`` with a string ``messages`` turned into ``[{"role": "user", ...}]``; else as is."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return body  # vLLM answers malformed JSON itself
+    if not isinstance(request, dict) or not isinstance(request.get("messages"), str):
+        return body
+    request["messages"] = [{"role": "user", "content": request["messages"]}]
+    return json.dumps(request).encode()
+
+
+def serving_argv(engine: SpecEngine) -> list[str]:
+    """``vllm serve`` flags of the profile's model name, tool calling and chat template."""
+    profile = engine.profile
+    openai = profile.openai
+    argv = [
+        "--model",
+        engine.model_path or profile.model.id,
+        "--served-model-name",
+        profile.served_model_name,
+    ]
+    if openai.tool_call_parser is not None:
+        argv += ["--tool-call-parser", openai.tool_call_parser]
+    if openai.enable_auto_tool_choice:
+        argv.append("--enable-auto-tool-choice")
+    if (template := openai.chat_template_file) is not None:
+        argv += ["--chat-template", str(template)]
+    return argv
+
+
+def serve(app: FastAPI, engine: SpecEngine) -> None:
+    """Route ``app``'s requests to ``engine``: 503 with its state until :func:`attach` ran."""
+    app.state.bentospec_engine = engine
 
 
 async def attach(app: FastAPI, engine: SpecEngine) -> None:
     """Point vLLM's serving state at ``engine`` (call once it is ready)."""
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-
-    args = _serve_args(
-        "--model",
-        engine.model_path or engine.profile.model.id,
-        "--served-model-name",
-        engine.profile.served_model_name,
-    )
-    await init_app_state(engine.llm, app.state, args, _SUPPORTED_TASKS)
-    app.state.bentospec_engine = engine
+    serve(app, engine)
+    args = vllm_api.serve_args(serving_argv(engine))
+    # `vllm serve` hands the engine's structured-output config (reasoning parser included, set
+    # from the profile by engine_args) to its serving layer: the same object here.
+    args.structured_outputs_config = engine.llm.vllm_config.structured_outputs_config
+    await vllm_api.attach_serve_state(engine.llm, app.state, args, _SUPPORTED_TASKS)
+    app.state.bentospec_attached = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -39,9 +40,16 @@ SpeculativeMethod = Literal[
     "glm4_moe_mtp",
     "mimo_mtp",
     "ernie_mtp",
+    # bentospec's own: ngram drafts with k chosen per request each step (bentospec/adaptive.py).
+    "adaptive-ngram",
 ]
 #: Methods that propose tokens from the prompt/history and so need no draft weights.
-MODEL_FREE_METHODS = frozenset({"ngram", "suffix"})
+MODEL_FREE_METHODS = frozenset({"ngram", "suffix", "adaptive-ngram"})
+#: Methods that look drafts up in the request's own tokens (``prompt_lookup_min/max``).
+NGRAM_METHODS = frozenset({"ngram", "adaptive-ngram"})
+
+#: One measured point of an engine step's time: (tokens verified in the step, milliseconds).
+StepCostPoint = tuple[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0)]]
 
 
 class ProfileError(ValueError):
@@ -112,6 +120,11 @@ class SpeculativeSpec(_Strict):
     #: Speculate fewer (or zero) tokens as the batch grows, where verification stops paying.
     num_speculative_tokens_per_batch_size: tuple[BatchSizeStep, ...] | None = None
     use_heterogeneous_vocab: bool = False
+    #: ``adaptive-ngram`` only (required there): measured time of one engine step by the number
+    #: of tokens it verifies across the batch, as (tokens, ms) points with rising tokens. The
+    #: proposer keeps a draft token only while it raises the batch's expected tokens per ms;
+    #: only the curve's shape matters, so points measured on a loaded machine still serve.
+    step_cost: tuple[StepCostPoint, ...] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -130,12 +143,13 @@ class SpeculativeSpec(_Strict):
                 raise ValueError(f"method {self.method!r} takes no draft model: remove 'model'")
         elif self.model is None:
             raise ValueError(f"method {self.method!r} needs 'model' (draft/EAGLE/MTP weights)")
-        if self.method != "ngram" and (
+        if self.method not in NGRAM_METHODS and (
             self.prompt_lookup_min is not None or self.prompt_lookup_max is not None
         ):
-            raise ValueError("prompt_lookup_min/max only apply to method 'ngram'")
-        if self.method == "ngram" and self.prompt_lookup_max is None:
-            raise ValueError("method 'ngram' needs prompt_lookup_max")
+            raise ValueError("prompt_lookup_min/max only apply to the ngram methods")
+        if self.method in NGRAM_METHODS and self.prompt_lookup_max is None:
+            raise ValueError(f"method {self.method!r} needs prompt_lookup_max")
+        self._check_step_cost()
         lo, hi = self.prompt_lookup_min or 1, self.prompt_lookup_max or 1
         if lo > hi:
             raise ValueError(f"prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi})")
@@ -143,6 +157,26 @@ class SpeculativeSpec(_Strict):
             raise ValueError("use_heterogeneous_vocab requires method 'draft_model'")
         self._check_schedule()
         return self
+
+    def _check_step_cost(self) -> None:
+        if (self.method == "adaptive-ngram") != (self.step_cost is not None):
+            raise ValueError("step_cost is required by method 'adaptive-ngram' and only used there")
+        if self.step_cost is None:
+            return
+        if self.num_speculative_tokens_per_batch_size is not None:
+            raise ValueError(
+                "method 'adaptive-ngram' chooses k per request: "
+                "remove num_speculative_tokens_per_batch_size"
+            )
+        points = self.step_cost
+        if len(points) < 2:
+            raise ValueError("step_cost needs at least two (tokens, ms) points")
+        for (n0, t0), (n1, t1) in pairwise(points):
+            if n1 <= n0 or t1 < t0:
+                raise ValueError(
+                    f"step_cost must rise in tokens and not fall in time: ({n0}, {t0}) is "
+                    f"followed by ({n1}, {t1})"
+                )
 
     def _check_schedule(self) -> None:
         steps = self.num_speculative_tokens_per_batch_size
@@ -194,6 +228,46 @@ class ServingSpec(_Strict):
     max_prompt_chars: Annotated[int, Field(ge=1)] = 200_000
 
 
+class OpenAISpec(_Strict):
+    """How vLLM's OpenAI serving layer renders chats and parses replies (``vllm serve`` flags).
+
+    Parser names are checked against vLLM's registries by ``bentospec profiles check``.
+    """
+
+    tool_call_parser: str | None = None
+    """``--tool-call-parser``: turns the model's tool-call syntax into ``tool_calls``. Named and
+    ``required`` tool choices are forced in that syntax by structured output, so they work even
+    on models never trained for tools."""
+    enable_auto_tool_choice: bool = False
+    """``--enable-auto-tool-choice``: serve tool calls at all. vLLM 0.32 loads the tool parser
+    only with this flag, for every ``tool_choice`` (``auto``, ``required``, named), so it goes
+    with :attr:`tool_call_parser`."""
+    reasoning_parser: str | None = None
+    """``--reasoning-parser``: splits the model's thinking into ``reasoning_content``; the engine
+    also uses it to start structured output after the thinking ends."""
+    chat_template: Path | None = None
+    """``--chat-template``: a Jinja file (relative to the project root, e.g. ``prompts/x.jinja``)
+    replacing the model's own template, for models whose template cannot show tools."""
+
+    @model_validator(mode="after")
+    def _tool_settings_go_together(self) -> Self:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser")
+        if self.tool_call_parser is not None and not self.enable_auto_tool_choice:
+            raise ValueError(
+                "tool_call_parser needs enable_auto_tool_choice: true (vLLM 0.32 loads the "
+                "parser only then, and refuses every tool_choice without it)"
+            )
+        return self
+
+    @property
+    def chat_template_file(self) -> Path | None:
+        """:attr:`chat_template` resolved against the project root."""
+        if self.chat_template is None:
+            return None
+        return DEFAULT_CONFIG_DIR.parent / self.chat_template
+
+
 class Profile(_Strict):
     """A validated hardware profile."""
 
@@ -205,21 +279,12 @@ class Profile(_Strict):
     speculative: SpeculativeSpec | None = None
     engine: EngineSpec
     serving: ServingSpec = ServingSpec()
+    #: Tool calling, reasoning and chat template of the OpenAI routes.
+    openai: OpenAISpec = OpenAISpec()
 
     @property
     def served_model_name(self) -> str:
         return self.model.served_model_name or self.model.id
-
-    @property
-    def greedy_only(self) -> bool:
-        """Whether only greedy requests (temperature 0) are served correctly.
-
-        vLLM 0.32's CPU backend cannot run the rejection sampler's Triton kernels: with
-        speculation, any temperature > 0 returns corrupted text and ``top_k`` crashes the
-        engine core. Greedy verification is exact, so CPU speculative profiles serve greedy
-        requests and refuse the rest with a 400 rather than answer wrongly.
-        """
-        return self.speculative is not None and self.hardware.accelerator == "cpu"
 
     def model_refs(self) -> list[str]:
         """The target reference, then the draft's if the method loads one."""
@@ -291,3 +356,23 @@ def format_validation_error(exc: ValidationError) -> str:
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"{key}: {msg}")
     return "; ".join(lines)
+
+
+class _ProfileDumper(yaml.SafeDumper):
+    """Block style, but lists of scalars on one line, so a schedule step reads ``[1, 2, 7]``."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[object]) -> yaml.SequenceNode:
+    flow = not any(isinstance(item, list | dict) for item in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_ProfileDumper.add_representer(list, _represent_list)
+
+
+def profile_yaml(profile: Profile, comment: str) -> str:
+    """A profile file that :func:`load_profile_file` reads back as ``profile`` (the name is the
+    file's stem), under ``comment`` as ``#`` lines."""
+    header = "".join(f"# {line}".rstrip() + "\n" for line in comment.splitlines())
+    data = profile.model_dump(mode="json", exclude={"name"}, exclude_none=True)
+    return header + yaml.dump(data, Dumper=_ProfileDumper, sort_keys=False)

@@ -9,21 +9,26 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 #: Upper bounds that keep a single request from monopolising the engine.
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_DOCUMENTS = 32
+MAX_TEMPLATE_CHARS = 8192
+
+TYPICAL_P_IGNORED = (
+    "not applied: vLLM has no typical-p sampling, and custom logits processors are skipped "
+    "under speculative decoding (use top_p / top_k / temperature)"
+)
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class SamplingOptions(BaseModel):
-    """Sampling parameters shared by every API; defaults are vLLM's except ``temperature``.
+    """Sampling parameters shared by every API; defaults are vLLM's.
 
-    ``temperature`` left out means the profile's default: greedy (0) where speculation is
-    only exact for greedy requests (CPU profiles, see ``Profile.greedy_only``), else 1.0.
+    ``temperature`` left out takes the model's generation config, else 1.0, as in ``vllm serve``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -42,6 +47,9 @@ class SamplingOptions(BaseModel):
     ] = []
     #: vLLM seeds are 64-bit; larger values overflow inside the engine.
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    #: ``"off"``: no draft tokens for this request (profiles with method ``adaptive-ngram``,
+    #: whose proposer reads it per request; other speculative profiles answer 400).
+    speculation: Literal["auto", "off"] = "auto"
 
 
 class GenerateRequest(SamplingOptions):
@@ -64,6 +72,13 @@ class SpeculationStats(BaseModel):
     acceptance_rate: float | None = None
     #: Tokens emitted per verification step (1 + accepted / steps).
     mean_acceptance_length: float | None = None
+    #: Decoding steps that verified drafts, and steps that did not (no n-gram match, or the
+    #: ``adaptive-ngram`` proposer chose k=0 for this request).
+    steps_with_drafts: int | None = None
+    steps_without_drafts: int | None = None
+    #: ``adaptive-ngram``: draft tokens verified at each step that carried drafts, in order
+    #: (the k the proposer chose over time, shortened where the n-gram match was shorter).
+    drafts_per_step: list[int] | None = None
 
 
 class GenerateResult(BaseModel):
@@ -81,44 +96,61 @@ class OPEADocument(BaseModel):
 
 
 class OPEACompletionRequest(BaseModel):
-    """OPEA GenAIComps ``spec_decode`` request (``LLMParamsDoc``), with every field honoured.
+    """OPEA GenAIComps ``LLMParamsDoc``: the fields and defaults of OPEA's LLM microservice.
 
-    vLLM has no typical-p sampling, so ``typical_p`` is accepted only at its neutral value.
+    Every field is honoured except ``typical_p``: vLLM has no typical-p sampling, and a custom
+    logits processor would be skipped on the speculative path, so it is accepted and reported
+    in ``ignored_fields`` (and the log) when sent with a value other than 1.0, the way
+    ``vllm serve`` treats fields it ignores. Unknown fields are refused with a 400.
     """
 
     model_config = ConfigDict(extra="forbid")
 
+    #: The served model's name (OPEA sends it for OpenAI-style backends); others get 404.
+    model: str | None = None
     query: Annotated[str, Field(min_length=1)]
     documents: Annotated[list[str | OPEADocument], Field(max_length=MAX_DOCUMENTS)] = []
     max_new_tokens: Annotated[int, Field(ge=1)] = 1024
+    #: OPEA's alias of ``max_new_tokens`` for OpenAI-style backends; used when that is unset.
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
     top_k: Annotated[int, Field(ge=-1)] = 10
     top_p: Annotated[FiniteFloat, Field(gt=0, le=1)] = 0.95
-    typical_p: FiniteFloat | None = None
-    #: OPEA defaults to 0.01; here the profile's default (see ``SamplingOptions``).
-    temperature: Annotated[FiniteFloat, Field(ge=0, le=2)] | None = None
-    repetition_penalty: Annotated[FiniteFloat, Field(gt=0, le=2)] = 1.0
+    typical_p: Annotated[FiniteFloat, Field(gt=0, le=1)] = 0.95
+    temperature: Annotated[FiniteFloat, Field(ge=0, le=2)] = 0.01
+    frequency_penalty: Annotated[FiniteFloat, Field(ge=-2, le=2)] = 0.0
+    presence_penalty: Annotated[FiniteFloat, Field(ge=-2, le=2)] = 0.0
+    repetition_penalty: Annotated[FiniteFloat, Field(gt=0, le=2)] = 1.03
     streaming: bool = True
-
-    @field_validator("typical_p")
-    @classmethod
-    def _typical_p_is_neutral(cls, value: float | None) -> float | None:
-        if value is not None and value != 1.0:
-            raise ValueError(
-                "vLLM does not implement typical-p sampling; send 1.0 or leave typical_p out "
-                "(use top_p / top_k / temperature instead)"
-            )
-        return value
+    #: OPEA passes it through to OpenAI-style backends; the final SSE event always has usage.
+    stream_options: dict[str, bool] | None = None
+    #: OPEA's prompt template with ``{question}`` and optionally ``{context}`` (the documents);
+    #: replaces ``prompts/rag.jinja`` / ``plain.jinja`` for this request.
+    chat_template: Annotated[str, Field(min_length=1, max_length=MAX_TEMPLATE_CHARS)] | None = None
+    #: As ``SamplingOptions.speculation`` (a bentospec extension of OPEA's request).
+    speculation: Literal["auto", "off"] = "auto"
 
     def document_texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
 
+    def ignored_fields(self) -> dict[str, str]:
+        """Fields the client set that this service cannot apply, with the reason."""
+        if "typical_p" in self.model_fields_set and self.typical_p != 1.0:
+            return {"typical_p": TYPICAL_P_IGNORED}
+        return {}
+
     def sampling(self) -> SamplingOptions:
+        max_tokens = self.max_new_tokens
+        if "max_new_tokens" not in self.model_fields_set and self.max_tokens is not None:
+            max_tokens = self.max_tokens
         return SamplingOptions(
-            max_tokens=self.max_new_tokens,
+            max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
             repetition_penalty=self.repetition_penalty,
+            speculation=self.speculation,
         )
 
 

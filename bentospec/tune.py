@@ -1,10 +1,16 @@
-"""``bentospec tune``: measure speculation candidates on the user's prompts and hardware, then
-write a profile with the best method, k and a per-batch-size schedule.
+"""``bentospec tune``: measure speculation candidates and engine levers on part of the user's
+prompts, then check the choice on the other part before writing it.
 
 The best speculation depends on the prompts (ngram pays off where answers copy from the
 prompt) and on the machine (verifying drafts stops paying once a batch fills the cores), so
-it is measured, not guessed. Each candidate needs an engine of its own; the measuring is
-:mod:`bentospec.bench`'s (same prompts, greedy load, counters and speedups).
+it is measured, not guessed. Tuning and judging on the same prompts would flatter the choice:
+the prompts are split into a tuning set (candidates measured, best k per concurrency chosen)
+and a validation set, on which the tuned profile, the profile as it is and no speculation run
+interleaved. The tuned settings replace the profile's only if they win on validation.
+
+Levers: k and the ngram lookup window (per concurrency, giving a batch-size schedule), and the
+engine levers ``max_num_batched_tokens`` and vLLM's CPU thread binding, each measured with and
+without speculation since some speed up both. The measuring is :mod:`bentospec.bench`'s.
 """
 
 from __future__ import annotations
@@ -14,16 +20,26 @@ import asyncio
 import math
 import shlex
 import statistics
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel
 
-from bentospec import bench
+from bentospec.bench import cli as bench_cli
+from bentospec.bench.render import describe, markdown_table, stats_table
+from bentospec.bench.results import NO_SPEC, BenchReport, BenchRow, BenchSettings, paired_speedups
+from bentospec.bench.runner import EngineVariant, Target, engine_target, plan, run_targets
 from bentospec.dataset import PromptCase
-from bentospec.profile import BatchSizeStep, Profile, SpeculativeSpec, load_profile
+from bentospec.profile import (
+    BatchSizeStep,
+    Profile,
+    SpeculativeSpec,
+    load_profile,
+    profile_path,
+    profile_yaml,
+)
 
 DEFAULT_K = (2, 3, 5, 7)
 #: ngram lookup windows (min, max n-gram length): short matches often, long matches surely.
@@ -31,6 +47,8 @@ DEFAULT_WINDOWS = ((1, 3), (2, 5))
 DEFAULT_CONCURRENCY = (1, 4, 16)
 #: Fields that vary within one family of candidates (same method, draft and window).
 _K_FIELDS = {"num_speculative_tokens", "num_speculative_tokens_per_batch_size"}
+#: Name of the tuned profile in the validation rounds.
+TUNED = "tuned"
 
 
 def candidate_name(spec: SpeculativeSpec) -> str:
@@ -66,9 +84,27 @@ def candidates(
     ]
 
 
+def split_cases(
+    cases: Sequence[PromptCase], validation_fraction: float
+) -> tuple[list[PromptCase], list[PromptCase]]:
+    """Tuning and validation cases, the validation ones spread evenly over the list (so both
+    sets sample every category of a mixed file); neither may be empty."""
+    tuning: list[PromptCase] = []
+    validation: list[PromptCase] = []
+    for i, case in enumerate(cases):
+        held = math.floor((i + 1) * validation_fraction) > math.floor(i * validation_fraction)
+        (validation if held else tuning).append(case)
+    if not tuning or not validation:
+        raise ValueError(
+            f"{len(cases)} prompts split at {validation_fraction:g} leave an empty "
+            f"{'tuning' if not tuning else 'validation'} set: use more prompts"
+        )
+    return tuning, validation
+
+
 class LevelChoice(BaseModel):
     concurrency: int
-    #: The best candidate's tokens/s over no speculation at this concurrency.
+    #: The best candidate's median tokens/s over no speculation at this concurrency.
     best_speedup: float
     #: Its k, or 0 where even the best candidate was slower than no speculation.
     num_speculative_tokens: int
@@ -131,87 +167,143 @@ def _family_choice(
     return TuneChoice(speculative=speculative, levels=levels, expected_speedup=expected)
 
 
-def choose(rows: Sequence[bench.BenchRow], max_num_seqs: int) -> TuneChoice:
-    """The best family (method, draft, window) with the best k at each measured concurrency.
+def choose(rows: Sequence[BenchRow], max_num_seqs: int, workload: str = "greedy") -> TuneChoice:
+    """The best family (method, draft, window) with the best k at each measured concurrency,
+    from the median paired speedups of the profile's own engine settings under ``workload``.
 
     Only k varies with the batch size in vLLM, so a family is chosen as a whole: the one whose
     schedule has the highest mean speedup over the levels.
     """
+    specs = {r.config: r.speculative for r in rows if r.speculative is not None}
     families: dict[str, tuple[SpeculativeSpec, dict[int, tuple[float, int]]]] = {}
-    for row in rows:
-        if row.speculative is None or row.speedup is None:
+    for (config, _, variant, row_workload, level), gains in paired_speedups(rows).items():
+        if variant or row_workload != workload:
             continue
-        _, best = families.setdefault(
-            row.speculative.model_dump_json(exclude=_K_FIELDS), (row.speculative, {})
-        )
-        if row.speedup > best.get(row.concurrency, (-math.inf, 0))[0]:
-            best[row.concurrency] = (row.speedup, row.speculative.num_speculative_tokens)
+        spec, gain = specs[config], statistics.median(gains)
+        _, best = families.setdefault(spec.model_dump_json(exclude=_K_FIELDS), (spec, {}))
+        if gain > best.get(level, (-math.inf, 0))[0]:
+            best[level] = (gain, spec.num_speculative_tokens)
     if not families:
         raise ValueError("no speculative measurement has a no-speculation baseline to compare")
     options = [_family_choice(spec, best, max_num_seqs) for spec, best in families.values()]
     return max(options, key=lambda option: option.expected_speedup)
 
 
-def tuned_profile(profile: Profile, choice: TuneChoice, name: str, prompts: str) -> Profile:
-    return profile.with_speculative(choice.speculative).model_copy(
-        update={
-            "name": name,
-            "description": f"{profile.description}; tuned by bentospec tune on {prompts}: "
-            f"{bench.describe(choice.speculative)}",
+def variants(batched_tokens: Sequence[int], binds: Sequence[str]) -> list[EngineVariant]:
+    """Engine-lever variants: each ``max_num_batched_tokens`` value, and each CPU thread
+    binding ``CORES:RESERVED`` (``VLLM_CPU_OMP_THREADS_BIND``, ``VLLM_CPU_NUM_OF_RESERVED_CPU``)."""
+    found = [
+        EngineVariant(name=f"batched-tokens={n}", engine={"max_num_batched_tokens": n})
+        for n in batched_tokens
+    ]
+    for bind in binds:
+        cores, _, reserved = bind.partition(":")
+        env = {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": reserved or "0"}
+        found.append(EngineVariant(name=f"bind={cores} reserved={reserved or '0'}", env=env))
+    return found
+
+
+def tuning_targets(
+    profile: Profile,
+    ks: Sequence[int],
+    windows: Sequence[tuple[int, int]],
+    levers: Sequence[EngineVariant],
+) -> list[Target]:
+    """No speculation and every candidate; each lever with and without the profile's own
+    speculation."""
+    targets = [engine_target(p) for p in plan(candidates(profile, ks, windows))]
+    targets += [engine_target(p, lever) for lever in levers for p in plan([profile])]
+    return targets
+
+
+def lever_table(rows: Sequence[BenchRow], profile: str, workload: str = "greedy") -> str:
+    """Each lever's median tokens/s over the profile's own settings, with and without
+    speculation, per concurrency."""
+    tps: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for r in rows:
+        if r.workload == workload and r.config in (NO_SPEC, profile):
+            tps[(r.variant, r.config, r.concurrency)].append(r.tokens_per_s)
+    medians = {key: statistics.median(values) for key, values in tps.items()}
+    cells = [
+        [variant, config, str(level), f"{value:.1f}", f"{value / medians[('', config, level)]:.2f}"]
+        for (variant, config, level), value in medians.items()
+        if variant and ("", config, level) in medians
+    ]
+    headers = ["lever", "config", "concurrency", "tokens/s", "vs profile settings"]
+    return markdown_table(headers, cells, text_columns=2)
+
+
+class Validation(BaseModel):
+    """The tuned profile and the profile as it is, on prompts the tuning never saw."""
+
+    #: Median paired speedup over no speculation per concurrency.
+    tuned: dict[int, float]
+    current: dict[int, float]
+
+    @property
+    def wins(self) -> bool:
+        return statistics.fmean(self.tuned.values()) > statistics.fmean(self.current.values())
+
+
+def validation_result(rows: Sequence[BenchRow], profile: str, workload: str) -> Validation:
+    """Speedups of :data:`TUNED` and ``profile``; a config without speculation scores 1."""
+    gains = paired_speedups(rows)
+    levels = sorted({r.concurrency for r in rows})
+
+    def speedups(config: str) -> dict[int, float]:
+        return {
+            c: statistics.median(gains.get((config, "engine", "", workload, c), [1.0]))
+            for c in levels
         }
-    )
 
-
-class _ProfileDumper(yaml.SafeDumper):
-    """Block style, but lists of scalars on one line, so a schedule step reads ``[1, 2, 7]``."""
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list[object]) -> yaml.SequenceNode:
-    flow = not any(isinstance(item, list | dict) for item in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-_ProfileDumper.add_representer(list, _represent_list)
-
-
-def profile_yaml(profile: Profile, comment: str) -> str:
-    """A profile file (the name is the file's stem), under ``comment`` as ``#`` lines."""
-    header = "".join(f"# {line}".rstrip() + "\n" for line in comment.splitlines())
-    data = profile.model_dump(mode="json", exclude={"name"}, exclude_none=True)
-    return header + yaml.dump(data, Dumper=_ProfileDumper, sort_keys=False)
-
-
-def levels_table(choice: TuneChoice) -> str:
-    return bench.markdown_table(
-        ["concurrency", "best speedup", "k chosen"],
-        (
-            [str(lv.concurrency), f"{lv.best_speedup:.2f}x", str(lv.num_speculative_tokens)]
-            for lv in choice.levels
-        ),
-    )
+    return Validation(tuned=speedups(TUNED), current=speedups(profile))
 
 
 class TuneReport(BaseModel):
     command: str
     profile: str
-    prompts: int
-    started_at: datetime
-    rows: list[bench.BenchRow]
+    tuning: BenchReport
     choice: TuneChoice
+    validation: BenchReport
+    result: Validation
     out: str
+    #: Whether the profile's catalogue file was rewritten with the tuned settings.
+    applied: bool
 
 
-async def measure(
-    profile: Profile,
-    cases: Sequence[PromptCase],
-    ks: Sequence[int],
-    windows: Sequence[tuple[int, int]],
-    concurrency: Sequence[int],
-    max_tokens: int,
-) -> list[bench.BenchRow]:
-    """No speculation and every candidate, through bench, one engine at a time."""
-    runs = bench.engine_runs(candidates(profile, ks, windows))
-    return await bench.measure(runs, cases, concurrency, max_tokens)
+def render(report: TuneReport) -> str:
+    choice, result = report.choice, report.result
+    return "\n\n".join(
+        [
+            f"Tuning on {len(report.tuning.prompt_ids)} prompts (ids "
+            f"{', '.join(report.tuning.prompt_ids)}):",
+            stats_table(report.tuning.stats),
+            "Engine levers (median tokens/s; ratio to the profile's own settings):",
+            lever_table(report.tuning.rows, report.profile),
+            "Best speculation per concurrency on the tuning prompts:",
+            markdown_table(
+                ["concurrency", "best speedup", "k chosen"],
+                (
+                    [str(lv.concurrency), f"{lv.best_speedup:.2f}x", str(lv.num_speculative_tokens)]
+                    for lv in choice.levels
+                ),
+            ),
+            f"Chosen: {describe(choice.speculative)}. Validation on "
+            f"{len(report.validation.prompt_ids)} other prompts:",
+            stats_table(report.validation.stats),
+            markdown_table(
+                ["concurrency", f"{TUNED} speedup", f"{report.profile} speedup"],
+                (
+                    [str(c), f"{result.tuned[c]:.2f}x", f"{result.current[c]:.2f}x"]
+                    for c in result.tuned
+                ),
+            ),
+            f"Tuned {'wins' if result.wins else 'does not win'} on validation "
+            f"(mean speedup {statistics.fmean(result.tuned.values()):.2f}x vs "
+            f"{statistics.fmean(result.current.values()):.2f}x)"
+            + (f"; {report.profile}'s catalogue file was rewritten." if report.applied else "."),
+        ]
+    )
 
 
 def window_list(text: str) -> list[tuple[int, int]]:
@@ -228,7 +320,7 @@ def window_list(text: str) -> list[tuple[int, int]]:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "tune",
-        help="measure speculation candidates on your prompts and write the best profile",
+        help="tune speculation on part of your prompts, validate on the rest, write the profile",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -236,17 +328,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--profile", default="cpu", metavar="NAME", help="profile to tune (default: cpu)"
     )
     parser.add_argument(
-        "--prompts", type=Path, required=True, metavar="FILE", help="JSONL in the dataset format"
+        "--prompts", metavar="FILE", help="JSONL in the dataset format (default: the dataset)"
+    )
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.5,
+        help="share of the prompts held out for validation (default: 0.5)",
     )
     parser.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="profile to write (default: bench-results/NAME-tuned.yaml)",
+        help="tuned profile to write (default: bench-results/NAME-tuned.yaml)",
+    )
+    parser.add_argument(
+        "--apply",
+        action="store_true",
+        help="rewrite the profile's catalogue file with the tuned settings if they win on "
+        "validation",
     )
     parser.add_argument(
         "--k",
-        type=bench.int_list,
+        type=bench_cli.int_list,
         default=list(DEFAULT_K),
         help=f"num_speculative_tokens to try (default: {','.join(map(str, DEFAULT_K))})",
     )
@@ -257,56 +361,131 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="ngram lookup windows MIN:MAX to try (default: "
         f"{','.join(f'{lo}:{hi}' for lo, hi in DEFAULT_WINDOWS)})",
     )
-    bench.add_load_arguments(parser, DEFAULT_CONCURRENCY)
+    parser.add_argument(
+        "--batched-tokens",
+        type=bench_cli.int_list,
+        default=[],
+        help="max_num_batched_tokens values to try, with and without speculation",
+    )
+    parser.add_argument(
+        "--bind",
+        action="append",
+        default=[],
+        metavar="CORES:RESERVED",
+        help="CPU thread binding to try, e.g. 0-1:0 (both cores, none reserved); repeatable",
+    )
+    parser.add_argument(
+        "--validation-rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds on the validation prompts (default: 3)",
+    )
+    bench_cli.add_load_arguments(parser, DEFAULT_CONCURRENCY, rounds=1)
     parser.set_defaults(handler=run)
+
+
+def _settings(args: argparse.Namespace, rounds: int, out: Path) -> BenchSettings:
+    return BenchSettings(
+        profiles=[args.profile],
+        prompts=args.prompts,
+        categories=args.categories,
+        num_prompts=args.num_prompts,
+        max_tokens=args.max_tokens,
+        concurrency=args.concurrency,
+        workloads=args.workloads,
+        rounds=rounds,
+        out=str(out.parent),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
-    out: Path = args.out or bench.DEFAULT_OUT / f"{profile.name}-tuned.yaml"
-    cases = bench.selected_cases(args)
+    out: Path = args.out or bench_cli.DEFAULT_OUT / f"{profile.name}-tuned.yaml"
+    tuning_cases, validation_cases = split_cases(
+        bench_cli.selected_cases(args), args.validation_fraction
+    )
     command = "bentospec tune " + shlex.join(
         [
-            *("--profile", profile.name, "--prompts", str(args.prompts), "--out", str(out)),
+            *("--profile", profile.name, "--out", str(out)),
+            *(("--prompts", args.prompts) if args.prompts else ()),
             *(("--categories", *args.categories) if args.categories else ()),
             *(("--num-prompts", str(args.num_prompts)) if args.num_prompts is not None else ()),
+            *("--validation-fraction", f"{args.validation_fraction:g}"),
             *("--k", ",".join(map(str, args.k))),
             *("--windows", ",".join(f"{lo}:{hi}" for lo, hi in args.windows)),
+            *(
+                ("--batched-tokens", ",".join(map(str, args.batched_tokens)))
+                * bool(args.batched_tokens)
+            ),
+            *(arg for bind in args.bind for arg in ("--bind", bind)),
             *("--max-tokens", str(args.max_tokens)),
             *("--concurrency", ",".join(map(str, args.concurrency))),
+            *("--workloads", ",".join(args.workloads)),
+            *("--rounds", str(args.rounds), "--validation-rounds", str(args.validation_rounds)),
         ]
     )
     started = datetime.now(UTC)
-    rows = asyncio.run(
-        measure(profile, cases, args.k, args.windows, args.concurrency, args.max_tokens)
+    workload = args.workloads[0]
+    tuning = asyncio.run(
+        run_targets(
+            _settings(args, args.rounds, out),
+            tuning_targets(profile, args.k, args.windows, variants(args.batched_tokens, args.bind)),
+            tuning_cases,
+        )
     )
-    choice = choose(rows, profile.engine.max_num_seqs)
-    tuned = tuned_profile(profile, choice, out.stem, args.prompts.name)
-    levels = levels_table(choice)
+    choice = choose(tuning.rows, profile.engine.max_num_seqs, workload)
+    tuned = profile.with_speculative(choice.speculative).model_copy(
+        update={
+            "name": out.stem,
+            "description": f"{profile.description}; tuned by bentospec tune: "
+            f"{describe(choice.speculative)}",
+        }
+    )
+    # A tuned profile without speculation is the baseline itself: its speedup is 1.
+    contenders = plan([profile])
+    if choice.speculative is not None:
+        contenders.append(tuned.model_copy(update={"name": TUNED}))
+    validation = asyncio.run(
+        run_targets(
+            _settings(args, args.validation_rounds, out),
+            [engine_target(p) for p in contenders],
+            validation_cases,
+        )
+    )
+    result = validation_result(validation.rows, profile.name, workload)
+    header = (
+        f"Written by `{command}` on {started:%Y-%m-%d %H:%M} UTC; measurements in {out.stem}.json."
+        f"\nValidation on {len(validation_cases)} held-out prompts: tuned "
+        f"{statistics.fmean(result.tuned.values()):.2f}x, {profile.name} as it was "
+        f"{statistics.fmean(result.current.values()):.2f}x (mean speedup over concurrency "
+        f"{', '.join(map(str, result.tuned))})."
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        profile_yaml(
-            tuned,
-            f"Written by `{command}` on {started:%Y-%m-%d %H:%M} UTC from {len(cases)} prompts.\n"
-            f"Best measured speculation per concurrency (measurements: {out.stem}.json):\n"
-            + levels,
-        ),
-        encoding="utf-8",
-    )
+    out.write_text(profile_yaml(tuned, header), encoding="utf-8")
+    applied = args.apply and result.wins
+    if applied:
+        target = profile_path(profile.name)
+        target.write_text(
+            profile_yaml(tuned.model_copy(update={"name": profile.name}), header),
+            encoding="utf-8",
+        )
     report = TuneReport(
         command=command,
         profile=profile.name,
-        prompts=len(cases),
-        started_at=started,
-        rows=rows,
+        tuning=tuning,
         choice=choice,
+        validation=validation,
+        result=result,
         out=str(out),
+        applied=applied,
     )
     out.with_suffix(".json").write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    print(bench.results_table(rows), levels, sep="\n\n")
-    print(
-        f"\nchosen: {bench.describe(choice.speculative)}, mean speedup over levels "
-        f"{choice.expected_speedup:.2f}x\nwrote {out} (serve it from a config directory: "
-        f"BENTOSPEC_CONFIG_DIR={out.parent} --arg profile={out.stem})"
-    )
+    text = render(report)
+    out.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    print(f"\nwrote {out} (serve it: BENTOSPEC_CONFIG_DIR={out.parent} --arg profile={out.stem})")
+    problems = [*tuning.problems, *validation.problems]
+    if problems:
+        print("error: the run's checks failed:", *problems, sep="\n  ")
+        return 1
     return 0

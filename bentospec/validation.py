@@ -5,7 +5,8 @@ model cannot serve or a KV cache too small for one sequence only after minutes o
 weights, and only on the GPU the profile is written for. These checks read the models'
 ``config.json`` instead (vendored copies in ``bentospec/model_configs/`` for hub models, the
 directory's own for local and built ``bentospec:`` models), so they run in milliseconds on any
-machine with no network and no vLLM import. ``bentospec profiles check`` prints the summary.
+machine with no network. Only the OpenAI parser names are read from vLLM (its parser registries,
+imported once: a few seconds). ``bentospec profiles check`` prints the summary.
 
 The memory estimate is deliberately simple and errs on the safe side: weights from the
 parameter count, KV cache from the attention layers, and a fixed runtime reserve per GPU.
@@ -13,6 +14,7 @@ parameter count, KV cache from the attention layers, and a fixed runtime reserve
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -269,6 +271,7 @@ def check_profile(profile: Profile) -> str:
     """
     check = _Check(profile)
     _check_parallelism(check)
+    _check_openai(check)
     spec = profile.speculative
     kind = _draft_kind(spec.method) if spec else None
     if spec is not None and spec.model is not None and kind is None:
@@ -301,6 +304,32 @@ def _check_parallelism(check: _Check) -> None:
             f"{draft_tp} with engine.tensor_parallel_size {tp}: vLLM runs a draft either on "
             "one GPU (a copy on each) or sharded like the target",
             f"set it to 1 or {tp}",
+        )
+
+
+@functools.cache
+def vllm_parser_names() -> dict[str, tuple[str, ...]]:
+    """The tool-call and reasoning parser names vLLM's registries know, per profile key."""
+    from bentospec import vllm_api
+
+    return dict(vllm_api.parser_names())
+
+
+def _check_openai(check: _Check) -> None:
+    """Parser names that vLLM would refuse only once the engine is loaded, and the template."""
+    openai = check.profile.openai
+    for key in ("tool_call_parser", "reasoning_parser"):
+        name = getattr(openai, key)
+        if name is not None and name not in (valid := vllm_parser_names()[key]):
+            raise check.error(
+                f"openai.{key}", f"vLLM has no parser {name!r}", f"use one of {', '.join(valid)}"
+            )
+    template = openai.chat_template_file
+    if template is not None and not template.is_file():
+        raise check.error(
+            "openai.chat_template",
+            f"{template} is not a file",
+            "give a Jinja file relative to the project root",
         )
 
 

@@ -1,21 +1,29 @@
-"""Turn a dead engine into a worker restart.
+"""Turn an engine that failed to load, or died, into a worker restart, with a bounded backoff.
 
 vLLM never restarts its engine-core process: once it dies (OOM kill, crash in a kernel) the
-``AsyncLLM`` stays errored and every request would get 503 until someone restarts the service.
-The watchdog stops the worker instead, so that its supervisor starts a fresh one with a new
-engine. BentoML's circus arbiter respawns workers under ``bentoml serve``; inside a container
-(``BENTOML_CONTAINERIZED``, BentoCloud) it does not, and the orchestrator restarts the container
-once ``/livez`` stops answering.
+``AsyncLLM`` stays errored, and an engine that failed to load stays failed; every request would
+get 503 until someone restarts the service. The :class:`Supervisor` stops the worker instead,
+so that its supervisor starts a fresh one with a new engine. BentoML's circus arbiter respawns
+workers under ``bentoml serve``; inside a container (``BENTOML_CONTAINERIZED``, BentoCloud) it
+does not, and the orchestrator restarts the container once ``/livez`` stops answering.
+
+A load that fails every time (missing model, too little memory) must not restart in a tight
+loop: :class:`RestartBackoff` counts restarts in a row across worker processes and waits longer
+each time, up to :data:`MAX_BACKOFF_SECONDS`. A load that succeeds resets the count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
 
 from bentospec.engine import EngineStatus, SpecEngine
 
@@ -30,6 +38,14 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 #: Requests that reached the engine just before it died may never finish, and uvicorn's graceful
 #: shutdown waits for their connections (up to the traffic timeout): exit hard after this long.
 EXIT_DEADLINE_SECONDS = 10.0
+#: Wait before the second restart in a row; it doubles with each further one.
+FIRST_BACKOFF_SECONDS = 10.0
+#: The longest wait between two restarts: a fixed model or freed memory is picked up this soon.
+MAX_BACKOFF_SECONDS = 300.0
+
+
+class EngineDown(RuntimeError):
+    """The engine failed to load or died; the message names the cause."""
 
 
 def stop_worker() -> None:
@@ -40,20 +56,119 @@ def stop_worker() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+class RestartBackoff:
+    """Restarts in a row, kept in a file because each one happens in a new worker process."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        first: float = FIRST_BACKOFF_SECONDS,
+        cap: float = MAX_BACKOFF_SECONDS,
+    ) -> None:
+        self.path = path
+        self.first = first
+        self.cap = cap
+
+    @classmethod
+    def for_this_worker(cls) -> RestartBackoff:
+        """The count shared by the workers one server (one arbiter process) starts in turn."""
+        return cls(Path(tempfile.gettempdir()) / f"bentospec-restarts-{os.getppid()}.json")
+
+    @property
+    def restarts(self) -> int:
+        """Restarts in a row so far (0 after a successful load)."""
+        try:
+            count = json.loads(self.path.read_text())["restarts"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+        return count if isinstance(count, int) and count > 0 else 0
+
+    def delay(self) -> float:
+        """Seconds to wait before the next restart: none for the first, then doubling, capped."""
+        restarts = self.restarts
+        return 0.0 if restarts == 0 else min(self.first * 2 ** (restarts - 1), self.cap)
+
+    def record_restart(self) -> None:
+        self.path.write_text(json.dumps({"restarts": self.restarts + 1}))
+
+    def reset(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 async def watch_engine(
     engine: SpecEngine,
+    backoff: RestartBackoff,
     *,
     interval: float = CHECK_INTERVAL_SECONDS,
     grace: float = SHUTDOWN_GRACE_SECONDS,
-    on_dead: Callable[[], None] = stop_worker,
 ) -> None:
-    """Wait until a ready ``engine`` is dead, then log it and call ``on_dead`` once."""
-    while engine.status is not EngineStatus.DEAD:
+    """Reset ``backoff`` once ``engine`` is ready; raise :class:`EngineDown` once it is not.
+
+    Runs from the start of the load, so a load that fails is acted on like an engine that dies.
+    """
+    while engine.status is EngineStatus.LOADING:
+        await asyncio.sleep(interval)
+    if engine.status is EngineStatus.READY:
+        backoff.reset()
+    while engine.status is EngineStatus.READY:
         await asyncio.sleep(interval)
     await asyncio.sleep(grace)
-    logger.error(
-        "the vLLM engine core of profile %r died: stopping this worker so that it restarts "
-        "with a new engine (requests get 503 until then)",
-        engine.profile.name,
+    if engine.status is EngineStatus.DEAD:
+        raise EngineDown(f"the vLLM engine core of profile {engine.profile.name!r} died")
+    raise EngineDown(
+        f"the vLLM engine of profile {engine.profile.name!r} failed to load: {engine.error}"
     )
-    on_dead()
+
+
+class Supervisor:
+    """Runs a service's background tasks; any of them failing restarts the worker, once.
+
+    A task that raises is logged with its cause, then the worker is stopped after the backoff's
+    delay (so a failing load does not restart in a tight loop). Cancelled tasks are normal stops.
+    """
+
+    def __init__(self, backoff: RestartBackoff, stop: Callable[[], None] = stop_worker) -> None:
+        self.backoff = backoff
+        self._stop = stop
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending_stop: asyncio.TimerHandle | None = None
+
+    @property
+    def restarting(self) -> bool:
+        return self._pending_stop is not None
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        cause = str(error) if isinstance(error, EngineDown) else f"{type(error).__name__}: {error}"
+        if self.restarting:
+            logger.warning("background task %r failed too: %s", task.get_name(), cause)
+            return
+        delay = self.backoff.delay()
+        self.backoff.record_restart()
+        logger.error(
+            "background task %r failed: %s. Stopping this worker in %.3g s so that it restarts "
+            "(restart %d in a row; the wait doubles up to %.3g s; requests get 503 until then)",
+            task.get_name(),
+            cause,
+            delay,
+            self.backoff.restarts,
+            self.backoff.cap,
+            exc_info=None if isinstance(error, EngineDown) else error,
+        )
+        self._pending_stop = asyncio.get_running_loop().call_later(delay, self._stop)
+
+    def cancel_all(self) -> None:
+        """Normal stop: cancel every task and a restart that is still waiting."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._pending_stop is not None:
+            self._pending_stop.cancel()

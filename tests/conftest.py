@@ -7,19 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 import pytest
 
+# Re-exported: the tests start servers with the benchmark's launcher.
+from bentospec.bench.servers import ServerProcess as ServerProcess
+from bentospec.bench.servers import free_port as free_port
 from bentospec.engine import SpecEngine
+from bentospec.engine_args import ENFORCE_EAGER_ENV
 from bentospec.profile import load_profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +26,9 @@ T = TypeVar("T")
 
 # No hub is reachable in tests: fail fast instead of retrying downloads.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every engine, in-process or under a server, skips torch.compile: ~30 engine starts of ~40 s
+# instead of ~130 s each (see bentospec.engine_args.ENFORCE_EAGER_ENV); the engine is the same.
+os.environ.setdefault(ENFORCE_EAGER_ENV, "1")
 
 
 class LoopThread:
@@ -61,80 +63,21 @@ def cpu_engine(loop: LoopThread) -> Iterator[SpecEngine]:
     engine.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A ``bentoml serve`` subprocess and what its probes answered while it started."""
-
-    def __init__(self, profile: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = ROOT / "build" / f"server-{profile}-{self.port}.log"
-        self.log_path.parent.mkdir(exist_ok=True)
-        self._log = self.log_path.open("wb")
-        self.home = ROOT / "build" / f"bentoml-home-{self.port}"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bentoml",
-                "serve",
-                "service:BentoSpec",
-                "--port",
-                str(self.port),
-                "--host",
-                "127.0.0.1",
-                "--arg",
-                f"profile={profile}",
-            ],
-            cwd=ROOT,
-            # BentoML keeps Prometheus' multiprocess files under BENTOML_HOME and wipes them when
-            # a server starts: servers sharing one home would erase each other's metrics.
-            env={**os.environ, "BENTOML_HOME": str(self.home), **(env or {})},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        #: (livez status, readyz status) pairs seen while waiting for readiness.
-        self.probes: list[tuple[int, int]] = []
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.url, timeout=5) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited; log:\n{self.log_path.read_text()[-4000:]}")
-                try:
-                    live = client.get("/livez").status_code
-                    ready = client.get("/readyz").status_code
-                except httpx.TransportError:
-                    time.sleep(0.5)
-                    continue
-                self.probes.append((live, ready))
-                if ready == 200:
-                    return
-                time.sleep(0.5)
-        raise TimeoutError(
-            f"server not ready in {timeout}s; log:\n{self.log_path.read_text()[-4000:]}"
-        )
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerProcess]:
     """``bentoml serve`` on the ``cpu`` profile, ready."""
     proc = ServerProcess("cpu")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def draft_server() -> Iterator[ServerProcess]:
+    """``bentoml serve`` on the ``cpu-draft`` profile (a draft model rather than ngram), ready."""
+    proc = ServerProcess("cpu-draft")
     try:
         proc.wait_ready()
         yield proc

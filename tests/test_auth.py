@@ -6,7 +6,9 @@ that passes authentication reaches the service and gets its "engine is loading" 
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 from starlette.applications import Starlette
@@ -14,6 +16,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from bentospec import auth
 from bentospec.auth import API_KEY_ENV, APIKeyMiddleware
 
 KEY = "s3cret-test-key"
@@ -57,12 +60,21 @@ def test_missing_or_wrong_key_is_401(
     assert KEY not in r.text
 
 
+#: The engine is not loading in this process: routes that need it answer the one 503 body.
+LOADING = {"error": {"message": "engine is loading", "type": "ServiceUnavailable", "code": 503}}
+NEED_NO_ENGINE = {"/docs.json", "/"}
+
+
 @pytest.mark.parametrize(("method", "path"), PROTECTED)
 def test_right_key_passes(client: TestClient, method: str, path: str) -> None:
-    r = client.request(
-        method, path, headers={"Authorization": f"Bearer {KEY}"}, json={"prompt": "hi"}
-    )
-    assert r.status_code != 401
+    body = {"query": "hi"} if path == "/v1/spec_decode/completions" else {"prompt": "hi"}
+    r = client.request(method, path, headers={"Authorization": f"Bearer {KEY}"}, json=body)
+    if path in NEED_NO_ENGINE:
+        assert r.status_code == 200
+    elif path == "/v1/health_check":  # OPEA's health body, with the engine's state
+        assert r.status_code == 503 and r.json()["engine"] == "loading"
+    else:
+        assert r.status_code == 503 and r.json() == LOADING, r.text
 
 
 @pytest.mark.parametrize("path", ["/livez", "/readyz", "/healthz", "/metrics"])
@@ -78,3 +90,21 @@ def test_probes_and_metrics_stay_open(monkeypatch: pytest.MonkeyPatch, path: str
 
 def test_livez_of_the_service_stays_open(client: TestClient) -> None:
     assert client.get("/livez").status_code == 200
+
+
+def test_every_key_check_is_one_constant_time_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No early-exit ``==`` anywhere: each decision is hmac.compare_digest of the whole header.
+    compared: list[tuple[bytes, bytes]] = []
+
+    def recording(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return hmac.compare_digest(a, b)
+
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    monkeypatch.setattr(auth, "hmac", SimpleNamespace(compare_digest=recording))
+    inner = Starlette(routes=[Route("/x", lambda _: PlainTextResponse("ok"))])
+    client = TestClient(APIKeyMiddleware(inner))
+    headers = [f"Bearer {KEY}", "Bearer wrong", f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", "Bearer"]
+    statuses = [client.get("/x", headers={"Authorization": h}).status_code for h in headers]
+    assert statuses == [200, 401, 401, 401, 401]
+    assert compared == [(h.encode(), f"Bearer {KEY}".encode()) for h in headers]

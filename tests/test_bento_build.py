@@ -1,17 +1,36 @@
-"""``bentoml build`` per profile: the Bento carries profiles and prompts, and no secret."""
+"""``bentoml build`` per profile, and the image recipe in the built Bento.
+
+The Bento carries profiles and prompts and no secret; its image installs the hash-pinned lock,
+then bentospec itself, so that vLLM finds the project's plugin entry point. No Docker engine
+runs here: the tests read the generated Dockerfile and run its steps against the Bento.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
+from bentospec.packaging import LOCK_PLATFORM, LOCKS, PYTHON_VERSION, Lock
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = {"HF_TOKEN": "hf_bentospec_TEST_SECRET_1234", "BENTOSPEC_API_KEY": "key-TEST-SECRET-5678"}
+#: The Dockerfile line that installs the Bento's requirements (BentoML's base_v2 template).
+REQUIREMENTS_INSTALL = "pip install -r $BENTO_PATH/env/python/requirements.txt"
 
 
 def build(profile: str, home: Path) -> Path:
@@ -29,6 +48,54 @@ def build(profile: str, home: Path) -> Path:
     return bento
 
 
+@pytest.fixture(scope="module")
+def bento(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The Bento of a profile, built once for this module (a build takes 20-100 s)."""
+    built: dict[str, Path] = {}
+
+    def get(profile: str) -> Path:
+        if profile not in built:
+            built[profile] = build(profile, tmp_path_factory.mktemp(f"bentoml-{profile}"))
+        return built[profile]
+
+    return get
+
+
+@dataclass
+class Locked:
+    """One entry of a requirements lock."""
+
+    version: str
+    url: str | None = None
+    hashes: set[str] = field(default_factory=set)
+    #: The requirements files (``-r FILE``) that ask for it directly.
+    via: set[str] = field(default_factory=set)
+
+
+def read_lock(text: str) -> dict[str, Locked]:
+    """Entries of a hash-pinned requirements file (uv's output, or BentoML's copy of it)."""
+    entries: dict[str, Locked] = {}
+    current: Locked | None = None
+    for line in text.splitlines():
+        if entry := re.match(r"([A-Za-z0-9][\w.-]*)\s*(?:==(\S+)|@\s*(\S+))", line):
+            name, version, url = entry.groups()
+            if url:
+                version = str(parse_wheel_filename(unquote(url.rsplit("/", 1)[1]))[1])
+            current = entries[canonicalize_name(name)] = Locked(version=version, url=url)
+        elif current and (digest := re.search(r"--hash=sha256:(\w+)", line)):
+            current.hashes.add(digest[1])
+        elif current and (via := re.match(r"\s*#\s*(?:via\s+)?-r\s+(\S+)", line)):
+            current.via.add(via[1])
+    return entries
+
+
+def top_level(requirements_file: str) -> dict[str, Requirement]:
+    """The requirements a requirements file asks for, by canonical name."""
+    lines = (ROOT / requirements_file).read_text(encoding="utf-8").splitlines()
+    reqs = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    return {canonicalize_name(req.name): req for req in reqs}
+
+
 @pytest.mark.parametrize(
     ("profile", "engine", "resources"),
     [
@@ -37,25 +104,130 @@ def build(profile: str, home: Path) -> Path:
     ],
 )
 def test_bento_builds_for_profile(
-    profile: str, engine: str, resources: dict, tmp_path: Path
+    profile: str, engine: str, resources: dict, bento: Callable[[str], Path]
 ) -> None:
-    bento = build(profile, tmp_path)
-    dockerfile = bento / "env" / "docker" / "Dockerfile"
-    assert dockerfile.is_file()
-    assert engine in (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+    path = bento(profile)
+    assert (path / "env" / "docker" / "Dockerfile").is_file()
+    requirements = (path / "env" / "python" / "requirements.txt").read_text()
+    name, version = engine.split("==")
+    assert read_lock(requirements)[name].version == version
     for data in (
         "configs/cpu.yaml",
         f"configs/{profile}.yaml",
         "prompts/rag.jinja",
         "bentospec/data/prompts.jsonl",
     ):
-        assert (bento / "src" / data).is_file(), data
-    manifest = yaml.safe_load((bento / "bento.yaml").read_text())
+        assert (path / "src" / data).is_file(), data
+    manifest = yaml.safe_load((path / "bento.yaml").read_text())
     assert manifest["services"][0]["config"]["resources"] == resources
     hub_envs = [e["name"] for e in manifest.get("envs", [])]
     assert hub_envs == (["HF_TOKEN"] if profile != "cpu" else [])
-    for path in bento.rglob("*"):
-        if path.is_file():
-            text = path.read_bytes()
+    for file in path.rglob("*"):
+        if file.is_file():
+            text = file.read_bytes()
             for secret in SECRETS.values():
-                assert secret.encode() not in text, f"{secret} leaked into {path}"
+                assert secret.encode() not in text, f"{secret} leaked into {file}"
+
+
+def test_image_installs_bentospec_with_its_vllm_plugin(
+    bento: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The Dockerfile's install of ./src, run on what the image has then, yields the plugin."""
+    built = bento("cpu")
+    steps = (built / "env" / "docker" / "Dockerfile").read_text().splitlines()
+    requirements = next(i for i, step in enumerate(steps) if REQUIREMENTS_INSTALL in step)
+    (install,) = [
+        i for i, step in enumerate(steps) if re.match(r"RUN uv pip install.* \./src$", step)
+    ]
+    copy_all = steps.index("COPY --chown=bentoml:bentoml . ./")
+    assert requirements < install < copy_all
+
+    # The image's work dir at that step: ./src holds only what was COPY'd before it.
+    workdir, site = tmp_path / "bento", tmp_path / "site-packages"
+    for step in steps[:install]:
+        if copied := re.match(r"COPY \S+ \./src/(\S+) \./src/\1$", step):
+            (workdir / "src" / copied[1]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(built / "src" / copied[1], workdir / "src" / copied[1])
+    # The image's venv is the lock's; this one has the same build backend (setuptools).
+    venv = Path(sys.executable).parent
+    env = {**os.environ, "VIRTUAL_ENV": str(venv.parent), "PATH": f"{venv}:{os.environ['PATH']}"}
+    command = steps[install].removeprefix("RUN ") + f" --target {site}"
+    subprocess.run(["bash", "-c", command], cwd=workdir, env=env, check=True, timeout=300)
+
+    (dist,) = importlib.metadata.distributions(name="bentospec", path=[str(site)])
+    (plugin,) = dist.entry_points.select(group="vllm.general_plugins")
+    assert plugin.value == "bentospec.cpu_sampling_fix:register"
+    assert dist.read_text("METADATA").partition("\n\n")[2].strip(), "README.md did not reach it"
+
+    # After the Bento's `COPY . ./`, the plugin module is the service's own ./src/bentospec.
+    shutil.copytree(built / "src", workdir / "src", dirs_exist_ok=True)
+    where = subprocess.run(
+        [sys.executable, "-S", "-c", FIND_PLUGIN, str(site)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(where) == workdir / "src" / "bentospec" / "cpu_sampling_fix.py"
+
+
+#: Run without site-packages: only the image's install (``argv[1]``) can provide bentospec.
+FIND_PLUGIN = """
+import importlib.metadata, importlib.util, site, sys
+site.addsitedir(sys.argv[1])
+(plugin,) = importlib.metadata.entry_points(group="vllm.general_plugins")
+print(importlib.util.find_spec(plugin.module).origin)
+"""
+
+
+@pytest.mark.parametrize("lock", LOCKS.values(), ids=list(LOCKS))
+def test_lock_matches_requirements_files(lock: Lock) -> None:
+    """Every pin of the requirements files is locked at its version; nothing else is top-level."""
+    text = (ROOT / lock.path).read_text(encoding="utf-8")
+    entries = read_lock(text)
+    assert "--require-hashes" in text.splitlines()
+    assert not re.search(r"^(-i|-f|--index-url|--extra-index-url|--find-links)\b", text, re.M)
+    for name, entry in entries.items():
+        assert entry.hashes, f"{name} has no hash in {lock.path}"
+    for requirements_file in lock.inputs:
+        wanted = top_level(requirements_file)
+        for name, req in wanted.items():
+            assert name in entries, f"{req} is not in {lock.path}: regenerate it"
+            locked = entries[name].version
+            assert req.specifier.contains(locked), f"{req} but {lock.path} has {locked}"
+        direct = {name for name, entry in entries.items() if requirements_file in entry.via}
+        assert direct == set(wanted), f"{lock.path} is stale for {requirements_file}"
+
+
+@pytest.mark.parametrize("profile", ["cpu", "l4-24gb"])
+def test_bento_requirements_resolve_in_hash_checking_mode(
+    profile: str, bento: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The image's requirements install, resolved (not downloaded) as uv runs it: every
+    package it needs is in the file, with hashes, or uv refuses (``--require-hashes``)."""
+    text = (bento(profile) / "env" / "python" / "requirements.txt").read_text()
+    torch = read_lock(text)["torch"]
+    if torch.url:
+        # PyTorch's index is out of reach here: the same file from pip's find-links stands in,
+        # and its hash is checked against the lock's.
+        name = unquote(torch.url.rsplit("/", 1)[1])
+        pip_config = [sys.executable, "-m", "pip", "config", "get", "global.find-links"]
+        configured = subprocess.run(pip_config, capture_output=True, text=True).stdout
+        links = (os.environ.get("PIP_FIND_LINKS") or configured).split()
+        local = next((Path(d) / name for d in links if (Path(d) / name).is_file()), None)
+        if local is None:
+            pytest.skip(f"no local copy of {name} (pip find-links)")
+        text = text.replace(torch.url, local.as_uri())
+    (tmp_path / "requirements.txt").write_text(text)
+    dry_run = [sys.executable, "-m", "uv", "pip", "install", "--dry-run", "-r", "requirements.txt"]
+    dry_run += ["--python-version", PYTHON_VERSION, "--python-platform", LOCK_PLATFORM]
+    dry_run += ["--target", str(tmp_path / "target")]
+    result = subprocess.run(
+        dry_run,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "--require-hashes" in text.splitlines()
+    assert result.returncode == 0, result.stderr

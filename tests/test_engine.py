@@ -6,12 +6,14 @@ import pytest
 
 from bentospec.dataset import load_cases, render_cases
 from bentospec.engine import EngineStatus, SpecEngine
-from bentospec.generation import generate_full, stream_text
+from bentospec.generation import RequestRejected, generate_full, stream_text, tokenized
 from bentospec.metrics import engine_counters
 from bentospec.profile import load_profile
 from bentospec.schemas import SamplingOptions
 from bentospec.verify import compare, greedy_tokens, run_profile
 from tests.conftest import LoopThread
+
+pytestmark = pytest.mark.engine
 
 GREEDY = SamplingOptions(max_tokens=48, temperature=0)
 LOSSLESS_TOKENS = 48
@@ -73,6 +75,24 @@ def test_request_without_drafts_says_why(cpu_engine: SpecEngine, loop: LoopThrea
     result = loop.run(generate_full(cpu_engine, prompt, SamplingOptions(max_tokens=1)))
     assert not result.speculation.applied
     assert result.speculation.reason
+
+
+def test_prompt_runs_as_the_token_ids_it_was_checked_with(
+    cpu_engine: SpecEngine, loop: LoopThread
+) -> None:
+    prompt, _ = rag_prompt(cpu_engine)
+    tokens = loop.run(tokenized(cpu_engine, prompt))
+    assert tokens["prompt_token_ids"] == cpu_engine.llm.get_tokenizer().encode(prompt)
+    result = loop.run(generate_full(cpu_engine, tokens, GREEDY))
+    assert result.prompt_tokens == len(tokens["prompt_token_ids"]) and result.text
+
+
+def test_prompt_beyond_the_context_is_refused_naming_it(
+    cpu_engine: SpecEngine, loop: LoopThread
+) -> None:
+    limit = cpu_engine.profile.engine.max_model_len
+    with pytest.raises(RequestRejected, match=f"^query: .* max_model_len={limit}$"):
+        loop.run(tokenized(cpu_engine, "word " * limit, chat=True, prompt_field="query"))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,6 +19,9 @@ L4 = GPU(name="NVIDIA L4", memory_gib=23034 / 1024)
 A100_80GB = GPU(name="NVIDIA A100-SXM4-80GB", memory_gib=81920 / 1024)
 A100_40GB = GPU(name="NVIDIA A100-SXM4-40GB", memory_gib=40960 / 1024)
 H100 = GPU(name="NVIDIA H100 80GB HBM3", memory_gib=81559 / 1024)
+
+#: The real probe, kept before the autouse fixture replaces it.
+DETECT = hardware.detect
 
 CATALOGUE = [load_profile(name, DEFAULT_CONFIG_DIR) for name in list_profiles(DEFAULT_CONFIG_DIR)]
 
@@ -127,3 +132,95 @@ def test_no_fitting_profile_and_no_cpu_fallback_is_a_profile_error(
     _machine(monkeypatch, L4)
     with pytest.raises(ProfileError, match=r"no profile fits 1 x NVIDIA L4 .* no 'cpu' profile"):
         select_profile()
+
+
+# --- detect(): NVML first, then torch.cuda, faked at the module level --------------------
+
+
+class FakeNVMLError(Exception):
+    """Stands for ``pynvml.NVMLError`` (e.g. no driver loaded)."""
+
+
+class FakeNVML:
+    """``pynvml`` with the given GPUs, as (name, total bytes); ``init_error`` fails nvmlInit."""
+
+    def __init__(self, gpus: list[tuple[str, int]], init_error: Exception | None = None) -> None:
+        self.gpus = gpus
+        self.init_error = init_error
+        self.shut_down = False
+
+    def nvmlInit(self) -> None:  # pynvml's method names
+        if self.init_error is not None:
+            raise self.init_error
+
+    def nvmlShutdown(self) -> None:
+        self.shut_down = True
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetName(self, handle: int) -> str:
+        return self.gpus[handle][0]
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
+        return SimpleNamespace(total=self.gpus[handle][1], used=0, free=self.gpus[handle][1])
+
+
+def fake_torch(gpus: list[tuple[str, int]]) -> SimpleNamespace:
+    cuda = SimpleNamespace(
+        is_available=lambda: bool(gpus),
+        device_count=lambda: len(gpus),
+        get_device_name=lambda i: gpus[i][0],
+        get_device_properties=lambda i: SimpleNamespace(total_memory=gpus[i][1]),
+    )
+    return SimpleNamespace(cuda=cuda)
+
+
+H100_BYTES = 81559 * 2**20
+L4_BYTES = 23034 * 2**20
+
+
+def _modules(monkeypatch: pytest.MonkeyPatch, nvml: object | None, torch: object | None) -> None:
+    """Install fakes (None: the module is not installed, so importing it fails)."""
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+
+
+def test_detect_reads_every_gpu_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml = FakeNVML([("NVIDIA H100 80GB HBM3", H100_BYTES)] * 4)
+    _modules(monkeypatch, nvml, fake_torch([]))
+    found = DETECT()
+    assert found.gpus == (GPU(name="NVIDIA H100 80GB HBM3", memory_gib=H100_BYTES / 2**30),) * 4
+    assert nvml.shut_down
+    # ... and the profile choice follows what was detected.
+    monkeypatch.setattr(hardware, "detect", DETECT)
+    assert select_profile().name == "h100x4"
+
+
+def test_detect_falls_back_to_torch_and_logs_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    nvml = FakeNVML([], init_error=FakeNVMLError("Driver Not Loaded"))
+    _modules(monkeypatch, nvml, fake_torch([("NVIDIA L4", L4_BYTES)]))
+    with caplog.at_level(logging.INFO, logger="bentospec.hardware"):
+        found = DETECT()
+    assert found.gpus == (GPU(name="NVIDIA L4", memory_gib=L4_BYTES / 2**30),)
+    assert "FakeNVMLError: Driver Not Loaded" in caplog.text
+
+
+def test_detect_without_nvml_or_torch_finds_no_gpu_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _modules(monkeypatch, None, None)
+    with caplog.at_level(logging.INFO, logger="bentospec.hardware"):
+        assert DETECT() == Hardware()
+    assert "NVML (nvidia-ml-py) is not installed" in caplog.text
+    assert "torch is not installed" in caplog.text
+
+
+def test_detect_with_torch_seeing_no_cuda_finds_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    _modules(monkeypatch, None, fake_torch([]))
+    assert DETECT() == Hardware()

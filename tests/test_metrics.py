@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from bentospec.engine_args import engine_kwargs
 from bentospec.metrics import SpecCounters
-from bentospec.profile import load_profile
 from bentospec.prompts import PromptTemplates
 from bentospec.schemas import GenerateRequest, OPEACompletionRequest
 
@@ -62,13 +60,24 @@ def test_generate_request_limits(body: dict, field: str) -> None:
     assert exc.value.errors()[0]["loc"][0] == field
 
 
-def test_opea_request_maps_to_sampling_and_refuses_typical_p() -> None:
+def test_opea_request_has_opeas_defaults_and_reports_typical_p_as_ignored() -> None:
     req = OPEACompletionRequest(query="q", documents=["a", {"text": "b"}], max_new_tokens=7)
     assert req.document_texts() == ["a", "b"]
-    assert req.sampling().max_tokens == 7 and req.sampling().temperature is None
-    assert OPEACompletionRequest(query="q", typical_p=1.0).typical_p == 1.0
-    with pytest.raises(ValidationError, match="typical-p"):
-        OPEACompletionRequest(query="q", typical_p=0.95)
+    options = req.sampling()
+    assert (options.max_tokens, options.temperature, options.top_k) == (7, 0.01, 10)
+    assert (options.top_p, options.repetition_penalty) == (0.95, 1.03)
+    assert req.ignored_fields() == {}  # OPEA's default typical_p was not asked for
+    assert set(OPEACompletionRequest(query="q", typical_p=0.95).ignored_fields()) == {"typical_p"}
+    assert OPEACompletionRequest(query="q", typical_p=1.0).ignored_fields() == {}
+    assert OPEACompletionRequest(query="q", max_tokens=9).sampling().max_tokens == 9
+    both = OPEACompletionRequest(query="q", max_tokens=9, max_new_tokens=5)
+    assert both.sampling().max_tokens == 5
+
+
+def test_opea_chat_template_fills_question_and_context_once() -> None:
+    template = "Context: {context}\nQ: {question} {unknown}"
+    text = PromptTemplates().question("{context}?", ["doc {question}"], template)
+    assert text == "Context: doc {question}\nQ: {context}? {unknown}"
 
 
 def test_rag_template_lists_documents_then_question() -> None:
@@ -76,11 +85,3 @@ def test_rag_template_lists_documents_then_question() -> None:
     assert text.index("Document 1:") < text.index("The sky is blue.") < text.index("Document 2:")
     assert text.rstrip().endswith("Question: What colour?")
     assert PromptTemplates().question("Just this.", []) == "Just this."
-
-
-def test_cpu_speculation_is_greedy_only_and_defaults_openai_to_greedy() -> None:
-    cpu, nospec = load_profile("cpu"), load_profile("cpu-nospec")
-    assert cpu.greedy_only and not nospec.greedy_only
-    assert engine_kwargs(cpu)["override_generation_config"] == {"temperature": 0.0}
-    assert "override_generation_config" not in engine_kwargs(nospec)
-    assert not load_profile("l4-24gb").greedy_only

@@ -108,6 +108,7 @@ def test_target_is_plain_bf16_llama(target_dir: Path) -> None:
         assert weights.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_target_logits_match_gguf(
     gguf_reference: tuple[LlamaForCausalLM, PreTrainedTokenizerBase],
     target: tuple[LlamaForCausalLM, PreTrainedTokenizerBase],

@@ -91,6 +91,14 @@ def test_gpu_profiles_match_their_hardware(profile: Profile) -> None:
         ("not-a-mapping.yaml", r"not-a-mapping\.yaml: a profile must be a YAML mapping, got list"),
         ("name-key.yaml", r"name-key\.yaml: key 'name' is not allowed"),
         ("eagle3-without-model.yaml", r"method 'eagle3' needs 'model'"),
+        (
+            "auto-tool-choice-without-parser.yaml",
+            r"openai: Value error, enable_auto_tool_choice needs tool_call_parser",
+        ),
+        (
+            "tool-parser-without-auto-tool-choice.yaml",
+            r"openai: Value error, tool_call_parser needs enable_auto_tool_choice: true",
+        ),
     ],
 )
 def test_bad_profile_is_refused_on_load(file: str, message: str) -> None:
@@ -109,3 +117,35 @@ def test_bad_profile_is_refused_through_the_config_dir(
         ProfileError, match=re.escape(f"{tmp_path / 'typo.yaml'}: engine.max_num_seq")
     ):
         load_profile("typo")
+
+
+#: The vLLM parsers each model family of the catalogue needs: (tool calls, reasoning).
+PARSERS_BY_MODEL = {
+    "meta-llama/Llama-3": ("llama3_json", None),
+    "Qwen/Qwen3-": ("hermes", "qwen3"),
+    "zai-org/GLM-4.5": ("glm45", "glm45"),
+    # SmolLM2 has no tool syntax of its own: vLLM forces hermes' for named/required choices.
+    "bentospec:smollm2-": ("hermes", None),
+}
+
+
+@pytest.mark.parametrize("profile", _catalogue(), ids=lambda p: p.name)
+def test_every_profile_sets_its_models_parsers(profile: Profile) -> None:
+    family = next(f for f in PARSERS_BY_MODEL if profile.model.id.startswith(f))
+    openai = profile.openai
+    assert (openai.tool_call_parser, openai.reasoning_parser) == PARSERS_BY_MODEL[family]
+    assert openai.enable_auto_tool_choice  # vLLM 0.32 loads no tool parser without it
+
+
+def test_openai_settings_reach_vllm() -> None:
+    """The reasoning parser goes to the engine (as `vllm serve` does), the rest to the server."""
+    from bentospec.engine import SpecEngine
+    from bentospec.engine_args import engine_kwargs
+    from bentospec.openai_app import serving_argv
+
+    glm = load_profile("h100x4-mtp", DEFAULT_CONFIG_DIR)
+    assert engine_kwargs(glm)["reasoning_parser"] == "glm45"
+    argv = serving_argv(SpecEngine(glm))
+    assert argv[argv.index("--tool-call-parser") + 1] == "glm45"
+    assert "--enable-auto-tool-choice" in argv and "--chat-template" not in argv
+    assert "reasoning_parser" not in engine_kwargs(load_profile("cpu", DEFAULT_CONFIG_DIR))

@@ -1,5 +1,5 @@
-"""Autotuner: candidates, the choice and schedule from given measurements, the profile it
-writes, and one short real run of ``bentospec tune``."""
+"""Autotuner: candidates, the prompt split, the choice and schedule from given measurements,
+levers, the validation verdict, the profile it writes, and one short real run."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bentospec import bench, tune
+from bentospec import tune
+from bentospec.bench.results import NO_SPEC, BenchRow
 from bentospec.dataset import load_cases
-from bentospec.profile import SpeculativeSpec, load_profile, load_profile_file
+from bentospec.profile import SpeculativeSpec, load_profile, load_profile_file, profile_yaml
 from tests.test_bench import make_row
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,16 +27,20 @@ def ngram(k: int, lo: int = 2, hi: int = 5) -> SpeculativeSpec:
 
 
 def measured(
-    baseline: dict[int, float], candidates: dict[SpeculativeSpec, dict[int, float]]
-) -> list[bench.BenchRow]:
-    """Rows as bench would return them: tokens/s per concurrency, speedups filled in."""
-    rows = [make_row(bench.NO_SPEC, c, tps, speculative=None) for c, tps in baseline.items()]
+    baseline: dict[int, float],
+    candidates: dict[SpeculativeSpec, dict[int, float]],
+    round_: int = 1,
+) -> list[BenchRow]:
+    """Rows of one round as bench would return them: tokens/s per concurrency."""
+    rows = [
+        make_row(NO_SPEC, c, tps, speculative=None, round_=round_) for c, tps in baseline.items()
+    ]
     rows += [
-        make_row(tune.candidate_name(spec), c, tps, speculative=spec)
+        make_row(tune.candidate_name(spec), c, tps, speculative=spec, round_=round_)
         for spec, levels in candidates.items()
         for c, tps in levels.items()
     ]
-    return bench.with_speedups(rows)
+    return rows
 
 
 def test_candidates_cover_k_windows_and_the_profiles_draft() -> None:
@@ -57,6 +62,18 @@ def test_candidates_cover_k_windows_and_the_profiles_draft() -> None:
     assert draft[-1].speculative is not None
     assert draft[-1].speculative.model == draft_profile.speculative.model  # type: ignore[union-attr]
     assert all(p.engine == draft_profile.engine for p in draft)
+
+
+def test_split_holds_out_prompts_spread_over_the_list() -> None:
+    cases = load_cases(categories={"rag"}, limit=8)
+    tuning, validation = tune.split_cases(cases, 0.5)
+    assert [c.id for c in validation] == [c.id for c in cases[1::2]]
+    assert [c.id for c in tuning] == [c.id for c in cases[::2]]
+    tuning, validation = tune.split_cases(cases, 0.25)
+    assert (len(tuning), len(validation)) == (6, 2)
+    assert not {c.id for c in tuning} & {c.id for c in validation}
+    with pytest.raises(ValueError, match="empty validation set"):
+        tune.split_cases(cases[:1], 0.5)
 
 
 @pytest.mark.parametrize(
@@ -91,6 +108,10 @@ def test_choose_picks_the_family_and_the_best_k_per_level() -> None:
             ngram(5, 1, 3): {1: 60.0, 4: 121.0, 16: 210.0},
         },
     )
+    # A second round under load: the paired speedups are the same, the choice too.
+    rows += [r.model_copy(update={"round": 2, "wall_s": r.wall_s * 2}) for r in rows]
+    # A lever variant's rows do not take part in the choice.
+    rows.append(make_row("ngram-k3-n2-5", 16, 1000.0, speculative=ngram(3), variant="bind=0-1"))
     choice = tune.choose(rows, max_num_seqs=16)
     assert [(lv.concurrency, lv.num_speculative_tokens) for lv in choice.levels] == [
         (1, 5),
@@ -112,9 +133,68 @@ def test_choose_turns_speculation_off_when_it_never_pays() -> None:
     assert choice.expected_speedup == 1.0
 
 
-def test_choose_needs_a_baseline() -> None:
+def test_choose_needs_a_baseline_under_the_workload() -> None:
     with pytest.raises(ValueError, match="baseline"):
         tune.choose([make_row("cpu", 1)], max_num_seqs=16)
+    rows = measured({1: 100.0}, {ngram(3): {1: 200.0}})
+    with pytest.raises(ValueError, match="baseline"):
+        tune.choose(rows, max_num_seqs=16, workload="sampling")
+
+
+def test_levers_are_measured_with_and_without_speculation() -> None:
+    levers = tune.variants([512], ["0-1:0"])
+    assert [(v.name, v.engine, v.env) for v in levers] == [
+        ("batched-tokens=512", {"max_num_batched_tokens": 512}, {}),
+        (
+            "bind=0-1 reserved=0",
+            {},
+            {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
+        ),
+    ]
+    targets = tune.tuning_targets(load_profile("cpu"), [3], [(2, 5)], levers)
+    assert [(t.config.config, t.config.variant) for t in targets] == [
+        (NO_SPEC, ""),
+        ("ngram-k3-n2-5", ""),
+        (NO_SPEC, "batched-tokens=512"),
+        ("cpu", "batched-tokens=512"),
+        (NO_SPEC, "bind=0-1 reserved=0"),
+        ("cpu", "bind=0-1 reserved=0"),
+    ]
+    assert targets[3].setup["engine_args"]["max_num_batched_tokens"] == 512
+    assert targets[5].setup["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+
+
+def test_lever_table_compares_with_the_profile_settings() -> None:
+    rows = [
+        make_row(NO_SPEC, 1, 50.0, speculative=None),
+        make_row("cpu", 1, 100.0),
+        make_row(NO_SPEC, 1, 55.0, speculative=None, variant="bind=0-1 reserved=0"),
+        make_row("cpu", 1, 90.0, variant="bind=0-1 reserved=0"),
+    ]
+    lines = tune.lever_table(rows, "cpu").splitlines()
+    assert lines[2:] == [
+        "| bind=0-1 reserved=0 | no-spec | 1 | 55.0 | 1.10 |",
+        "| bind=0-1 reserved=0 | cpu | 1 | 90.0 | 0.90 |",
+    ]
+
+
+def test_validation_verdict() -> None:
+    rows = [
+        make_row(NO_SPEC, 1, 50.0, speculative=None),
+        make_row("cpu", 1, 90.0),
+        make_row(tune.TUNED, 1, 100.0),
+        make_row(NO_SPEC, 4, 100.0, speculative=None),
+        make_row("cpu", 4, 95.0),
+        make_row(tune.TUNED, 4, 105.0),
+    ]
+    result = tune.validation_result(rows, "cpu", "greedy")
+    assert result.tuned == {1: pytest.approx(2.0), 4: pytest.approx(1.05)}
+    assert result.current == {1: pytest.approx(1.8), 4: pytest.approx(0.95)}
+    assert result.wins
+    # No tuned rows: the tuned profile is the baseline, 1x everywhere.
+    baseline_only = tune.validation_result(rows[:2] + rows[3:5], "cpu", "greedy")
+    assert baseline_only.tuned == {1: 1.0, 4: 1.0}
+    assert not baseline_only.wins
 
 
 @pytest.mark.parametrize("speculates", [True, False])
@@ -126,18 +206,17 @@ def test_tuned_profile_yaml_loads_back(tmp_path: Path, speculates: bool) -> None
     )
     choice = tune.choose(rows, cpu.engine.max_num_seqs)
     path = tmp_path / "cpu-tuned.yaml"
-    tuned = tune.tuned_profile(cpu, choice, path.stem, "mine.jsonl")
-    path.write_text(tune.profile_yaml(tuned, "measured here\n" + tune.levels_table(choice)))
+    tuned = cpu.with_speculative(choice.speculative).model_copy(update={"name": path.stem})
+    path.write_text(profile_yaml(tuned, "measured here\nsecond line"))
     loaded = load_profile_file(path)
     assert loaded == tuned
-    assert loaded.name == "cpu-tuned"
     assert (loaded.model, loaded.engine, loaded.serving) == (cpu.model, cpu.engine, cpu.serving)
-    assert path.read_text().startswith("# measured here\n# | concurrency |")
+    assert path.read_text().startswith("# measured here\n# second line\n")
     if speculates:
         assert loaded.speculative is not None
         assert loaded.speculative.num_speculative_tokens == 5
         assert loaded.speculative.num_speculative_tokens_per_batch_size == ((1, 2, 5), (3, 16, 0))
-        assert "ngram k=5 n=2..5" in loaded.description
+        assert "[1, 2, 5]" in path.read_text()  # schedule steps on one line
     else:
         assert loaded.speculative is None
 
@@ -150,19 +229,20 @@ def test_window_list() -> None:
 
 
 @pytest.mark.engine
-def test_tune_command_writes_a_loadable_profile(tmp_path: Path) -> None:
-    """One real, short run: the no-spec baseline and one ngram candidate on the cpu profile."""
+def test_tune_command_tunes_then_validates_on_other_prompts(tmp_path: Path) -> None:
+    """One real, short run: no-spec and one ngram candidate on two prompts, then no-spec, the
+    cpu profile and the tuned profile on two others."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
-        "".join(case.model_dump_json() + "\n" for case in load_cases(categories={"rag"}, limit=3))
+        "".join(case.model_dump_json() + "\n" for case in load_cases(categories={"rag"}, limit=4))
     )
     out = tmp_path / "cpu-tuned.yaml"
     command = [
         *(sys.executable, "-m", "bentospec.cli", "tune", "--profile", "cpu"),
         *("--prompts", str(prompts), "--out", str(out), "--k", "3", "--windows", "2:5"),
-        *("--concurrency", "1,2", "--max-tokens", "16"),
+        *("--concurrency", "1,2", "--max-tokens", "16", "--validation-rounds", "1"),
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]
     tuned = load_profile_file(out)
     cpu = load_profile("cpu")
@@ -173,10 +253,13 @@ def test_tune_command_writes_a_loadable_profile(tmp_path: Path) -> None:
         steps = tuned.speculative.num_speculative_tokens_per_batch_size
         assert steps is not None and steps[0][0] == 1 and steps[-1][1] == cpu.engine.max_num_seqs
     report = json.loads(out.with_suffix(".json").read_text())
-    assert {(r["config"], r["concurrency"]) for r in report["rows"]} == {
-        (bench.NO_SPEC, 1),
-        (bench.NO_SPEC, 2),
-        ("ngram-k3-n2-5", 1),
-        ("ngram-k3-n2-5", 2),
+    tuning_ids, validation_ids = report["tuning"]["prompt_ids"], report["validation"]["prompt_ids"]
+    assert len(tuning_ids) == len(validation_ids) == 2
+    assert not set(tuning_ids) & set(validation_ids)
+    assert {(r["config"], r["concurrency"]) for r in report["tuning"]["rows"]} == {
+        (config, level) for config in (NO_SPEC, "ngram-k3-n2-5") for level in (1, 2)
     }
-    assert "chosen:" in result.stdout
+    validated = {r["config"] for r in report["validation"]["rows"]}
+    assert {NO_SPEC, "cpu"} <= validated
+    assert (tune.TUNED in validated) == (tuned.speculative is not None)
+    assert "on validation" in result.stdout

