@@ -83,28 +83,36 @@ def build_openai_app() -> FastAPI:
                 raise EngineUnavailable("engine is loading")  # ready, serving layer not yet
         except EngineUnavailable as exc:
             return unavailable(str(exc))
-        if request.method == "POST" and (refused := await _too_many_choices(request, engine)):
+        if request.method == "POST" and (refused := await _refused(request, engine)):
             return refused
         return await call_next(request)
 
     return app
 
 
-async def _too_many_choices(request: Request, engine: SpecEngine) -> JSONResponse | None:
-    """400 for ``n`` beyond the profile's ``max_num_seqs``, which vLLM would accept and run.
+async def _refused(request: Request, engine: SpecEngine) -> JSONResponse | None:
+    """400 naming the field for what vLLM would run anyway or refuse without naming it.
 
-    One request's copies would fill the batch and queue everyone else behind them.
+    ``n`` beyond the profile's ``max_num_seqs`` would fill the batch with one request's copies
+    and queue everyone else; a ``messages`` that is neither a list nor OPEA's one string gets
+    "'int' object is not iterable" from vLLM.
     """
     try:
         body = await request.json()
     except ValueError:
         return None  # vLLM answers malformed JSON itself
-    n = body.get("n") if isinstance(body, dict) else None
-    limit = engine.profile.engine.max_num_seqs
-    if not isinstance(n, int) or n <= limit:
+    if not isinstance(body, dict):
         return None
-    message = f"n must be at most {limit} (the profile's max_num_seqs), got {n}"
-    error = {"message": message, "type": "BadRequestError", "param": "n", "code": 400}
+    n, limit = body.get("n"), engine.profile.engine.max_num_seqs
+    if isinstance(n, int) and n > limit:
+        return _bad_request("n", f"n must be at most {limit} (the profile's max_num_seqs), got {n}")
+    if "messages" in body and not isinstance(body["messages"], str | list):
+        return _bad_request("messages", "messages must be a list of messages or one string")
+    return None
+
+
+def _bad_request(param: str, message: str) -> JSONResponse:
+    error = {"message": message, "type": "BadRequestError", "param": param, "code": 400}
     return JSONResponse({"error": error}, status_code=400)
 
 
