@@ -32,7 +32,7 @@ BURST = 24
 MAX_ADDED_PAUSE_SECONDS = 1.0
 #: Chunks streamed before the burst starts: the reference pace.
 BEFORE_BURST = 20
-SHORT = {"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 400}
+SHORT = {"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 400, "temperature": 0}
 
 
 async def _measure(url: str) -> tuple[list[float], float, float, list[int]]:

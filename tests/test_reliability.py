@@ -247,7 +247,7 @@ def test_dropped_stream_aborts_the_engine_request(server: ServerProcess) -> None
     with httpx.Client(base_url=server.url, timeout=120) as client:
         before = engine_gauges(client)
         # Long enough (~15 s here) to still be generating when the gauges are read.
-        body = {"prompt": COUNTING, "max_tokens": 3000}
+        body = {"prompt": COUNTING, "max_tokens": 3000, "temperature": 0}
         with client.stream("POST", "/generate", json=body) as r:
             assert r.status_code == 200
             assert len(list(itertools.islice(r.iter_text(), 3))) == 3
@@ -358,7 +358,8 @@ class LoadFigures:
 async def _stream(client: httpx.AsyncClient, word: str) -> LoadResult:
     start = time.monotonic()
     try:
-        body = {"prompt": word_prompt(word), "max_tokens": 16}
+        # Greedy: each answer must repeat its own word (sampling would wander off it).
+        body = {"prompt": word_prompt(word), "max_tokens": 16, "temperature": 0}
         async with client.stream("POST", "/generate", json=body) as r:
             text = "".join([chunk async for chunk in r.aiter_text()])
             return LoadResult(r.status_code, time.monotonic() - start, text)
@@ -582,7 +583,7 @@ def test_dead_engine_gives_503_then_the_worker_restarts(own_server: ServerProces
 
 @pytest.mark.server
 def test_sigterm_drains_the_stream_in_flight(own_server: ServerProcess) -> None:
-    body = {"prompt": COUNTING, "max_tokens": 400}
+    body = {"prompt": COUNTING, "max_tokens": 400, "temperature": 0}
     with (
         httpx.Client(base_url=own_server.url, timeout=120, headers=AUTH) as client,
         client.stream("POST", "/generate", json=body) as r,

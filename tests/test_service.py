@@ -49,8 +49,9 @@ def test_sync_client_streams_and_completes(server: ServerProcess) -> None:
 def test_async_client_streams(server: ServerProcess) -> None:
     async def run() -> tuple[list[str], dict]:
         async with bentoml.AsyncHTTPClient(server.url, timeout=120) as client:
-            chunks = [c async for c in client.generate(prompt=QUESTION, max_tokens=16)]
-            full = await client.generate_full(prompt=QUESTION, max_tokens=16)
+            greedy = {"prompt": QUESTION, "max_tokens": 16, "temperature": 0}
+            chunks = [c async for c in client.generate(**greedy)]
+            full = await client.generate_full(**greedy)
         return chunks, full
 
     chunks, full = asyncio.run(run())
@@ -86,7 +87,7 @@ def test_speculation_counters_grow(server: ServerProcess) -> None:
             "Document: The Brewmaster 300 must be descaled every 60 days with the Brewmaster "
             "descaling solution.\nQuestion: How often must the Brewmaster 300 be descaled?"
         )
-        r = client.post("/generate_full", json={"prompt": rag, "max_tokens": 48})
+        r = client.post("/generate_full", json={"prompt": rag, "max_tokens": 48, "temperature": 0})
         assert r.status_code == 200, r.text
         stats = r.json()["speculation"]
         # vLLM's front end records a step's spec-decode stats with a later step's scheduler
