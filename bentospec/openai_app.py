@@ -66,6 +66,8 @@ def build_openai_app() -> FastAPI:
             route.tags = [OPENAI_TAG]
             app.router.routes.append(route)
     app.exception_handlers.update(vllm_app.exception_handlers)
+    for failure in vllm_api.engine_failures():
+        app.exception_handlers[failure] = _engine_failed
     app.state.bentospec_engine = None
     app.state.bentospec_attached = False
     app.add_middleware(StringMessagesMiddleware)
@@ -88,6 +90,21 @@ def build_openai_app() -> FastAPI:
         return await call_next(request)
 
     return app
+
+
+async def _engine_failed(request: Request, exc: Exception) -> JSONResponse:
+    """503 naming the engine's state when it died under a request, else 500.
+
+    vLLM's own handler stops ``vllm serve``'s uvicorn server (``app.state.server``, which BentoML
+    owns here, so it failed with a bare 500); the service's watchdog restarts the worker instead.
+    """
+    engine: SpecEngine = request.app.state.bentospec_engine
+    try:
+        engine.llm  # noqa: B018 - raises with the engine's state once the engine core died
+    except EngineUnavailable as dead:
+        return unavailable(str(dead))
+    error = {"message": str(exc), "type": "InternalServerError", "code": 500}
+    return JSONResponse({"error": error}, status_code=500)
 
 
 async def _refused(request: Request, engine: SpecEngine) -> JSONResponse | None:

@@ -77,8 +77,10 @@ class SpeculationStats(BaseModel):
     steps_with_drafts: int | None = None
     steps_without_drafts: int | None = None
     #: ``adaptive-ngram``: draft tokens verified at each step that carried drafts, in order
-    #: (the k the proposer chose over time, shortened where the n-gram match was shorter).
-    drafts_per_step: list[int] | None = None
+    #: (the k the proposer chose over time, shortened where the n-gram match was shorter);
+    #: empty for other methods. A list, not ``None``: BentoML's clients cannot decode a null
+    #: array.
+    drafts_per_step: list[int] = []
 
 
 class GenerateResult(BaseModel):

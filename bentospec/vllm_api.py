@@ -61,6 +61,13 @@ def engine_errored(llm: AsyncLLM) -> bool:
     return bool(llm.errored)
 
 
+def engine_failures() -> tuple[type[Exception], ...]:
+    """What the serving layer raises when the engine fails under a request (dead or not)."""
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+    return (EngineDeadError, EngineGenerateError)
+
+
 def unfinished_requests(llm: AsyncLLM) -> int:
     return llm.get_num_unfinished_requests()
 

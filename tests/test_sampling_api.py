@@ -8,11 +8,13 @@ sends it: OPEA's documented curl bodies verbatim, the ``openai`` client with its
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from openai import OpenAI
+from openai.types.chat import ChatCompletionTokenLogprob
 
 from bentospec.profile import load_profile
 from tests.conftest import ServerProcess
@@ -31,12 +33,12 @@ OPEA_EXAMPLE = {
     "repetition_penalty": 1.03,
     "streaming": False,
 }
-#: A question the document answers: sampled answers copy "60" from it (and ngram drafts it).
+#: A question the document answers in one sentence, copying from it (which ngram drafts).
 DESCALE = [
     {
         "role": "user",
         "content": "Document: The Brewmaster 300 must be descaled every 60 days.\n\n"
-        "Question: How often must the Brewmaster 300 be descaled?",
+        "Question: How often must the Brewmaster 300 be descaled? Answer in one sentence.",
     }
 ]
 
@@ -81,20 +83,36 @@ def test_opea_documented_streaming_request_is_sse(any_server: ServerProcess) -> 
     assert streamed == _opea(any_server, OPEA_EXAMPLE).json()["text"]
 
 
+#: Mean log-probability, under the model before temperature, of the tokens sampled at 0.7-0.8.
+#: Correct sampling measured -0.5 to -1.3 nats (over 60-72 tokens) on ``cpu`` and ``cpu-draft``;
+#: tokens drawn uniformly from the 49k vocabulary average below log(1/49152) = -10.8.
+COHERENT_LOGPROB = -2.5
+
+
+def _mean_logprob(contents: list[list[ChatCompletionTokenLogprob] | None]) -> float:
+    return statistics.mean(t.logprob for tokens in contents for t in tokens or [])
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_openai_chat_samples_coherent_text(any_server: ServerProcess, stream: bool) -> None:
     client = OpenAI(base_url=f"{any_server.url}/v1", api_key="unused", timeout=300)
     kwargs = {"model": MODEL, "messages": DESCALE, "max_tokens": 24, "temperature": 0.7}
-    answers = []
+    answers, logprobs = [], []
     for seed in range(3):
         if stream:
-            chunks = client.chat.completions.create(**kwargs, seed=seed, stream=True)
-            answers.append("".join(c.choices[0].delta.content or "" for c in chunks))
+            chunks = list(
+                client.chat.completions.create(**kwargs, seed=seed, logprobs=True, stream=True)
+            )
+            choices = [c.choices[0] for c in chunks if c.choices]
+            answers.append("".join(c.delta.content or "" for c in choices))
+            logprobs += [c.logprobs.content for c in choices if c.logprobs]
         else:
-            reply = client.chat.completions.create(**kwargs, seed=seed)
+            reply = client.chat.completions.create(**kwargs, seed=seed, logprobs=True)
             answers.append(reply.choices[0].message.content or "")
-    # Coherent: sampled answers still give the document's figure (corrupted sampling did not).
-    assert sum("60" in a for a in answers) >= 2, answers
+            logprobs.append(reply.choices[0].logprobs.content)  # type: ignore[union-attr]
+    assert len(set(answers)) > 1, answers  # sampled, not greedy
+    # Coherent: the model itself finds the sampled tokens likely.
+    assert _mean_logprob(logprobs) > COHERENT_LOGPROB, answers
 
 
 def test_top_k_and_n_sample_without_killing_the_engine(any_server: ServerProcess) -> None:
@@ -107,11 +125,13 @@ def test_top_k_and_n_sample_without_killing_the_engine(any_server: ServerProcess
         top_p=0.95,
         n=3,
         seed=7,
+        logprobs=True,
         extra_body={"top_k": 10, "repetition_penalty": 1.1},
     )
     texts = [c.message.content or "" for c in reply.choices]
     assert len(texts) == 3 and all(t.strip() for t in texts)
-    assert sum("60" in t for t in texts) >= 2, texts
+    logprobs = [c.logprobs.content for c in reply.choices if c.logprobs]
+    assert len(logprobs) == 3 and _mean_logprob(logprobs) > COHERENT_LOGPROB, texts
     assert httpx.get(f"{any_server.url}/readyz", timeout=10).status_code == 200
 
 

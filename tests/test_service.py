@@ -83,13 +83,16 @@ def test_curl_streams_raw_text(server: ServerProcess) -> None:
 def test_speculation_counters_grow(server: ServerProcess) -> None:
     with httpx.Client(base_url=server.url, timeout=120) as client:
         before = SpecCounters.from_prometheus_text(client.get("/metrics").text)
+        # Greedy answers copy the document's words, which the ngram proposer drafts.
         rag = (
-            "Document: The Brewmaster 300 must be descaled every 60 days with the Brewmaster "
-            "descaling solution.\nQuestion: How often must the Brewmaster 300 be descaled?"
+            "<|im_start|>user\nDocument: The Brewmaster 300 must be descaled every 60 days "
+            "with the Brewmaster descaling solution.\nQuestion: How often must the Brewmaster "
+            "300 be descaled?<|im_end|>\n<|im_start|>assistant\n"
         )
         r = client.post("/generate_full", json={"prompt": rag, "max_tokens": 48, "temperature": 0})
         assert r.status_code == 200, r.text
         stats = r.json()["speculation"]
+        assert stats["applied"] and stats["draft_tokens"] > 0, r.json()
         # vLLM's front end records a step's spec-decode stats with a later step's scheduler
         # stats, so an idle engine may hold back the last ones: one more request flushes them.
         client.post("/generate_full", json={"prompt": "Hi", "max_tokens": 2})
@@ -101,7 +104,6 @@ def test_speculation_counters_grow(server: ServerProcess) -> None:
             ):
                 break
             time.sleep(0.5)
-    assert stats["applied"] and stats["draft_tokens"] > 0
     assert (after - before).draft_tokens >= stats["draft_tokens"]
     assert (after - before).accepted_tokens >= stats["accepted_tokens"]
 

@@ -67,6 +67,9 @@ def test_the_openai_serving_layer_builds_with_the_routes_kept() -> None:
     app = vllm_api.build_serve_app(vllm_api.serve_args(), ("generate",))
     assert isinstance(app, fastapi.FastAPI)
     assert {getattr(r, "path", None) for r in app.router.routes} >= OPENAI_ROUTES
+    # The engine failures the service answers itself are ones vLLM's app handles.
+    handled = tuple(t for t in app.exception_handlers if isinstance(t, type))
+    assert all(issubclass(f, handled) for f in vllm_api.engine_failures())
 
 
 def test_serve_flags_of_every_profile_parse() -> None:
