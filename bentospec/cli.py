@@ -152,11 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_profiles(sub)
     _add_verify(sub)
-    from bentospec import kubernetes, tune
+    from bentospec import kubernetes, tune_cli
     from bentospec.bench import cli as bench_cli
 
     bench_cli.add_parser(sub)
-    tune.add_parser(sub)
+    tune_cli.add_parser(sub)
     kubernetes.add_parser(sub)
     return parser
 

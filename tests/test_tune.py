@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bentospec import tune
+from bentospec import tune, tune_cli
 from bentospec.bench.results import NO_SPEC, BenchRow
 from bentospec.dataset import load_cases
 from bentospec.profile import SpeculativeSpec, load_profile, load_profile_file, profile_yaml
@@ -222,10 +222,10 @@ def test_tuned_profile_yaml_loads_back(tmp_path: Path, speculates: bool) -> None
 
 
 def test_window_list() -> None:
-    assert tune.window_list("1:3,2:5") == [(1, 3), (2, 5)]
+    assert tune_cli.window_list("1:3,2:5") == [(1, 3), (2, 5)]
     for bad in ("3", "3:1", "a:b", "0:2"):
         with pytest.raises(argparse.ArgumentTypeError, match="MIN"):
-            tune.window_list(bad)
+            tune_cli.window_list(bad)
 
 
 @pytest.mark.engine

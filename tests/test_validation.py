@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -186,26 +187,34 @@ def test_bad_profile_fails_check(file: str, key: str, message: str) -> None:
     assert "; fix: " in str(caught.value)
 
 
-@pytest.mark.parametrize(
-    ("engine", "summary"),
-    [
-        (
-            {"kv_cache_memory_bytes": 4 * 2**30},
-            "weights 9.2 GiB (draft 0.8 GiB) + KV 132 KiB/token: 4.0 GiB for KV = 32k tokens, "
-            "3 sequences of 8192 (1x22.5 GiB, kv_cache_memory_bytes, 2 GiB/GPU reserve)",
-        ),
-        (
-            {"kv_cache_dtype": "fp8"},
-            "weights 9.2 GiB (draft 0.8 GiB) + KV 66 KiB/token: 9.0 GiB for KV = 143k tokens, "
-            "17 sequences of 8192 (1x22.5 GiB x 0.9, 2 GiB/GPU reserve)",
-        ),
-    ],
+#: The figures of ``check_profile``'s one-line memory summary.
+_SUMMARY = re.compile(
+    r"weights (?P<weights>[\d.]+) GiB .*\+ KV (?P<kv_kib>\d+) KiB/token: (?P<kv_gib>[\d.]+) GiB "
+    r"for KV = (?P<ktokens>\d+)k tokens, (?P<sequences>\d+) sequences of (?P<length>\d+)"
 )
-def test_engine_memory_settings_change_the_estimate(
-    engine: dict[str, object], summary: str
-) -> None:
-    profile = load_profile("l4-24gb", DEFAULT_CONFIG_DIR).with_engine(**engine)
-    assert check_profile(profile) == summary
+
+
+def _summary(profile: Profile) -> dict[str, float]:
+    found = _SUMMARY.match(check_profile(profile))
+    assert found, check_profile(profile)
+    return {key: float(value) for key, value in found.groupdict().items()}
+
+
+def test_engine_memory_settings_change_the_estimate() -> None:
+    l4 = load_profile("l4-24gb", DEFAULT_CONFIG_DIR)
+    default = _summary(l4)
+    fixed = _summary(l4.with_engine(kv_cache_memory_bytes=4 * 2**30))
+    fp8 = _summary(l4.with_engine(kv_cache_dtype="fp8"))
+    assert default["weights"] == fixed["weights"] == fp8["weights"]
+    # kv_cache_memory_bytes replaces the utilisation budget with exactly that many bytes.
+    assert fixed["kv_gib"] == 4.0 and fixed["kv_kib"] == default["kv_kib"]
+    assert fixed["ktokens"] == round(4 * 2**20 / default["kv_kib"] / 1000)
+    # An fp8 KV cache holds a token in half of bf16's bytes: twice the tokens in the same space.
+    assert fp8["kv_kib"] == default["kv_kib"] / 2 and fp8["kv_gib"] == default["kv_gib"]
+    assert abs(fp8["ktokens"] - 2 * default["ktokens"]) <= 1
+    for summary in (default, fixed, fp8):
+        assert summary["length"] == l4.engine.max_model_len
+        assert summary["sequences"] == summary["ktokens"] * 1000 // summary["length"]
 
 
 @pytest.mark.parametrize(
