@@ -26,10 +26,11 @@ LONG_PROMPT = ("word " * PROFILE.serving.max_prompt_chars)[: PROFILE.serving.max
 BURST = 24
 #: How much longer than its longest pause before the burst the short stream may pause while the
 #: burst is in flight. On the event loop, the burst's tokenization is one stall of BURST x ~0.1 s
-#: (~2.4 s, more on a loaded machine: the burst took 2.2 s off the loop under load 60). Off the
-#: loop the stream only shares 2 cores with one tokenizer thread. The stream's own pace is the
-#: reference because on a loaded machine (other tests' engines) its pauses already reach ~1 s.
-MAX_ADDED_PAUSE_SECONDS = 1.0
+#: (measured: the pause grew by 3.3-3.7 s). Off the loop the stream only shares the engine
+#: core's spare core with one tokenizer thread (the pause grew by 0-0.42 s in earlier runs, and
+#: once by 1.08 s). The stream's own pace is the reference because on a loaded machine (other
+#: tests' engines) its pauses already reach ~1 s.
+MAX_ADDED_PAUSE_SECONDS = 1.5
 #: Chunks streamed before the burst starts: the reference pace.
 BEFORE_BURST = 20
 SHORT = {"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 400, "temperature": 0}

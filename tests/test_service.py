@@ -69,7 +69,7 @@ def test_curl_streams_raw_text(server: ServerProcess) -> None:
             "-H",
             "content-type: application/json",
             "-d",
-            json.dumps({"prompt": QUESTION, "max_tokens": 16}),
+            json.dumps({"prompt": QUESTION, "max_tokens": 16, "temperature": 0}),
         ],
         capture_output=True,
         text=True,
