@@ -18,10 +18,15 @@ from bentospec.engine import EngineUnavailable
 GATED_PATHS = frozenset({"/generate", "/generate_full"})
 
 
+def openai_error(status: int, error_type: str, message: str, **fields: object) -> JSONResponse:
+    """``status`` in OpenAI's error shape, which the openai SDK parses and other clients can read;
+    ``fields`` adds keys such as ``param``."""
+    error = {"message": message, "type": error_type, **fields, "code": status}
+    return JSONResponse({"error": error}, status_code=status)
+
+
 def unavailable(message: str) -> JSONResponse:
-    """503 in OpenAI's error shape, which the openai SDK parses and other clients can read."""
-    error = {"message": message, "type": "ServiceUnavailable", "code": 503}
-    return JSONResponse({"error": error}, status_code=503)
+    return openai_error(503, "ServiceUnavailable", message)
 
 
 class EngineGateMiddleware:

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bentospec import vllm_api
 from bentospec.engine import EngineUnavailable, SpecEngine
-from bentospec.gate import unavailable
+from bentospec.gate import openai_error, unavailable
 
 CHAT_PATH = "/v1/chat/completions"
 #: The routes of vLLM's serving layer the service exposes: what OpenAI-SDK clients call
@@ -103,8 +103,7 @@ async def _engine_failed(request: Request, exc: Exception) -> JSONResponse:
         engine.llm  # noqa: B018 - raises with the engine's state once the engine core died
     except EngineUnavailable as dead:
         return unavailable(str(dead))
-    error = {"message": str(exc), "type": "InternalServerError", "code": 500}
-    return JSONResponse({"error": error}, status_code=500)
+    return openai_error(500, "InternalServerError", str(exc))
 
 
 async def _refused(request: Request, engine: SpecEngine) -> JSONResponse | None:
@@ -129,8 +128,7 @@ async def _refused(request: Request, engine: SpecEngine) -> JSONResponse | None:
 
 
 def _bad_request(param: str, message: str) -> JSONResponse:
-    error = {"message": message, "type": "BadRequestError", "param": param, "code": 400}
-    return JSONResponse({"error": error}, status_code=400)
+    return openai_error(400, "BadRequestError", message, param=param)
 
 
 class StringMessagesMiddleware:

@@ -114,12 +114,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _settings(args: argparse.Namespace, rounds: int, out: Path) -> BenchSettings:
     return BenchSettings(
         profiles=[args.profile],
-        prompts=args.prompts,
-        categories=args.categories,
-        num_prompts=args.num_prompts,
-        max_tokens=args.max_tokens,
-        concurrency=args.concurrency,
-        workloads=args.workloads,
+        **bench_cli.load_settings(args),
         rounds=rounds,
         out=str(out.parent),
     )

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bentospec.bench import __doc__ as BENCH_DOC
 from bentospec.bench.render import DOC_END, DOC_START, splice, write_report
@@ -69,6 +70,19 @@ def add_load_arguments(
         default=rounds,
         help=f"interleaved rounds of all configs (default: {rounds})",
     )
+
+
+def load_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`BenchSettings` fields of the options :func:`add_load_arguments` added (and
+    ``--prompts``), but ``rounds``, which tune sets per phase."""
+    return {
+        "prompts": args.prompts,
+        "categories": args.categories,
+        "num_prompts": args.num_prompts,
+        "max_tokens": args.max_tokens,
+        "concurrency": args.concurrency,
+        "workloads": args.workloads,
+    }
 
 
 def selected_cases(args: argparse.Namespace) -> list[PromptCase]:
@@ -149,12 +163,7 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or DEFAULT_OUT
         settings = BenchSettings(
             profiles=list(dict.fromkeys(args.profiles or ["cpu"])),
-            prompts=args.prompts,
-            categories=args.categories,
-            num_prompts=args.num_prompts,
-            max_tokens=args.max_tokens,
-            concurrency=args.concurrency,
-            workloads=args.workloads,
+            **load_settings(args),
             rounds=args.rounds,
             peer=args.peer,
             servers=args.servers,
