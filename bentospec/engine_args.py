@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from bentospec import vllm_api
+from bentospec import hardware, vllm_api
 from bentospec.adaptive import CONFIG_KEY, PROPOSER_CLASS, AdaptiveSettings
 from bentospec.profile import Profile, SpeculativeSpec
 
@@ -59,6 +59,7 @@ def engine_kwargs(
     """
     kwargs: dict[str, Any] = profile.engine.model_dump(exclude_none=True)
     kwargs.update(
+        dtype=hardware.engine_dtype(profile),
         model=model or profile.model.id,
         served_model_name=[profile.served_model_name],
         trust_remote_code=profile.model.trust_remote_code,

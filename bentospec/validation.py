@@ -22,6 +22,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from bentospec.hardware import engine_dtype
 from bentospec.model_store import EMBEDDED_PREFIX, cache_dir
 from bentospec.profile import Profile, ProfileError, SpeculativeSpec
 
@@ -411,7 +412,7 @@ def _weight_bits(check: _Check, arch: ModelArch, quantization: str | None) -> fl
     """Bits per decoder-layer weight: quantized, or the dtype vLLM loads (16 unless float32)."""
     method = quantization or arch.quant_method
     if method is None:
-        return 32.0 if check.profile.engine.dtype == "float32" else 16.0
+        return 32.0 if engine_dtype(check.profile) == "float32" else 16.0
     if method not in _QUANT_BITS:
         raise check.error(
             "engine.quantization",
@@ -441,7 +442,7 @@ def _estimate(
     engine, spec = check.profile.engine, check.profile.speculative
     tp = engine.tensor_parallel_size
     # vLLM's dtype "auto" loads fp32 checkpoints as fp16, so only an explicit float32 is 4 bytes.
-    dtype_bytes = 4 if engine.dtype == "float32" else 2
+    dtype_bytes = 4 if engine_dtype(check.profile) == "float32" else 2
     kv_bytes = _kv_cache_bytes(check, dtype_bytes)
 
     def weights(arch: ModelArch, kind: DraftKind, quantization: str | None) -> float:

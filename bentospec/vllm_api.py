@@ -56,6 +56,25 @@ def start_engine(args: AsyncEngineArgs) -> AsyncLLM:
     return AsyncLLMEngine.from_engine_args(args)
 
 
+def cpu_bf16_gemm() -> bool | None:
+    """Whether oneDNN builds the bf16 GEMM vLLM's CPU linear layers use, on this host.
+
+    Where it cannot (x86 without AVX-512 or AMX), vLLM warns "Failed to create oneDNN linear"
+    and falls back to torch's linear, which runs bf16 slower than float32. This asks oneDNN
+    the same question on a tiny weight. ``None``: this vLLM build has no oneDNN GEMM at all.
+    """
+    import torch
+    from vllm import _custom_ops as ops
+
+    if not ops._supports_onednn:
+        return None
+    try:
+        ops.create_onednn_mm(torch.zeros(32, 32, dtype=torch.bfloat16).t(), 32)
+    except RuntimeError:
+        return False
+    return True
+
+
 def engine_errored(llm: AsyncLLM) -> bool:
     """Whether the engine-core process died (vLLM never restarts it)."""
     return bool(llm.errored)

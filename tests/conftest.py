@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Coroutine, Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +30,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Every engine, in-process or under a server, skips torch.compile: ~30 engine starts of ~40 s
 # instead of ~130 s each (see bentospec.engine_args.ENFORCE_EAGER_ENV); the engine is the same.
 os.environ.setdefault(ENFORCE_EAGER_ENV, "1")
+
+
+def wait_for(condition: Callable[[], bool], seconds: float, interval: float = 0.2) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass; whether it held."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
 
 
 class LoopThread:
@@ -66,20 +77,12 @@ def cpu_engine(loop: LoopThread) -> Iterator[SpecEngine]:
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerProcess]:
     """``bentoml serve`` on the ``cpu`` profile, ready."""
-    proc = ServerProcess("cpu")
-    try:
-        proc.wait_ready()
+    with ServerProcess("cpu") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="session")
 def draft_server() -> Iterator[ServerProcess]:
     """``bentoml serve`` on the ``cpu-draft`` profile (a draft model rather than ngram), ready."""
-    proc = ServerProcess("cpu-draft")
-    try:
-        proc.wait_ready()
+    with ServerProcess("cpu-draft") as proc:
         yield proc
-    finally:
-        proc.stop()

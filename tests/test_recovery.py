@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,20 +20,11 @@ from openai import InternalServerError, OpenAI
 
 from bentospec.profile import DEFAULT_CONFIG_DIR
 from bentospec.watchdog import FIRST_BACKOFF_SECONDS
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, wait_for
 
 pytestmark = pytest.mark.server
 
 PROFILE_NAME = "model-not-there-yet"
-
-
-def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-    return True
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from fastapi.routing import APIRoute
 
 from bentospec.auth import API_KEY_ENV
 from bentospec.profile import DEFAULT_CONFIG_DIR, list_profiles, load_profile
-from tests.conftest import ROOT, ServerProcess, free_port
+from tests.conftest import ROOT, ServerProcess, free_port, wait_for
 
 MODEL = "smollm2-135m-instruct"
 PROFILE = load_profile("cpu")
@@ -61,16 +61,6 @@ def engine_gauges(client: httpx.Client) -> dict[str, float]:
 def in_flight(gauges: dict[str, float]) -> float:
     # vLLM publishes its gauges once its first step ran.
     return gauges.get("num_requests_running", 0) + gauges.get("num_requests_waiting", 0)
-
-
-def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
-    """Poll ``condition`` until it holds or ``seconds`` pass; whether it held."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 # --- 1. Hostile and malformed input ------------------------------------------------------
@@ -501,12 +491,8 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 @pytest.fixture(scope="module")
 def own_server() -> Iterator[ServerProcess]:
     """A server to kill and stop, with recognisable secrets in its environment."""
-    proc = ServerProcess("cpu", env={API_KEY_ENV: API_KEY, "HF_TOKEN": HF_TOKEN})
-    try:
-        proc.wait_ready()
+    with ServerProcess("cpu", env={API_KEY_ENV: API_KEY, "HF_TOKEN": HF_TOKEN}) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def assert_no_secret(text: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bentospec import vllm_api
 from bentospec.profile import (
     DEFAULT_CONFIG_DIR,
     Profile,
@@ -237,7 +238,12 @@ def test_heterogeneous_vocab_allows_a_different_tokenizer() -> None:
     assert "sequences of 8192" in check_profile(Profile.model_validate(data))
 
 
-def test_built_embedded_models_are_sized(empty_model_cache: Path) -> None:
+@pytest.mark.parametrize(("bf16_gemm", "dtype_bytes"), [(True, 2), (False, 4)])
+def test_built_embedded_models_are_sized(
+    empty_model_cache: Path, monkeypatch: pytest.MonkeyPatch, bf16_gemm: bool, dtype_bytes: int
+) -> None:
+    # The CPU profiles' dtype is auto: bf16 where oneDNN has a bf16 GEMM, else float32.
+    monkeypatch.setattr(vllm_api, "cpu_bf16_gemm", lambda: bf16_gemm)
     _write_config(empty_model_cache / "models" / "smollm2-135m-instruct")
     draft_layers = 6
     _write_config(
@@ -246,13 +252,12 @@ def test_built_embedded_models_are_sized(empty_model_cache: Path) -> None:
     profile = load_profile("cpu-draft", DEFAULT_CONFIG_DIR)
     summary = check_profile(profile)
     # Derived from the configs written above and the profile: K and V of every layer of both
-    # models, bf16 (2 bytes), in the profile's fixed KV cache.
+    # models, in the profile's fixed KV cache.
     c, engine = SMOLLM2_CONFIG, profile.engine
     head_size = c["hidden_size"] // c["num_attention_heads"]
-    per_token = (
-        2 * (c["num_hidden_layers"] + draft_layers) * c["num_key_value_heads"] * head_size * 2
-    )
-    assert engine.kv_cache_memory_bytes is not None and engine.dtype == "bfloat16"
+    layers = c["num_hidden_layers"] + draft_layers
+    per_token = 2 * layers * c["num_key_value_heads"] * head_size * dtype_bytes
+    assert engine.kv_cache_memory_bytes is not None and engine.dtype == "auto"
     tokens = engine.kv_cache_memory_bytes // per_token
     assert summary.endswith(
         f" + KV {per_token / 1024:.0f} KiB/token: {engine.kv_cache_memory_bytes / 2**30:.1f} GiB "

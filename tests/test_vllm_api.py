@@ -11,7 +11,9 @@ import inspect
 
 import fastapi
 import pytest
+import torch
 import vllm
+from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
@@ -88,6 +90,14 @@ def test_parsers_named_by_profiles_are_registered() -> None:
     names = vllm_api.parser_names()
     assert {"hermes", "llama3_json"} <= set(names["tool_call_parser"])
     assert "qwen3" in names["reasoning_parser"]
+
+
+def test_the_bf16_probe_predicts_vllms_cpu_gemm_dispatch() -> None:
+    # A layer of the embedded model's width, dispatched as vLLM does when it loads weights.
+    layer = torch.nn.Linear(576, 576, bias=False, dtype=torch.bfloat16)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    uses_onednn = "onednn_mm" in layer.cpu_linear.__code__.co_names
+    assert vllm_api.cpu_bf16_gemm() is uses_onednn
 
 
 def test_engine_core_side_names_exist() -> None:
