@@ -632,3 +632,21 @@ def test_bench_peer_service_against_vllm_serve(tmp_path: Path) -> None:
         ("service", "vllm", 1),
         ("service", "vllm", 2),
     ]
+
+
+def test_provenance_is_read_before_the_run_writes_its_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The result files a run writes after each round are not local changes of the code."""
+    status = {"porcelain": ""}
+
+    def git(*args: str) -> str:
+        return status["porcelain"] if args[0] == "status" else "0123456789abcdef"
+
+    def checkpoint(report: BenchReport) -> None:
+        status["porcelain"] = "?? docs/bench/results.json"
+
+    monkeypatch.setattr(runner, "_git", git)
+    settings = BenchSettings(profiles=["cpu"], concurrency=[1], rounds=2)
+    final = asyncio.run(runner.run_targets(settings, [], [], checkpoint))
+    assert status["porcelain"] and final.provenance.git_dirty is False

