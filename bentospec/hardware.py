@@ -128,10 +128,11 @@ def engine_dtype(profile: Profile) -> str:
     """The ``dtype`` engine argument for ``profile`` on this host.
 
     A CPU profile's ``auto`` becomes float32 where oneDNN has no bf16 GEMM (x86 with AVX2 but
-    no AVX-512 or AMX): there vLLM's bf16 falls back to a GEMM that decodes about 20% slower
-    than float32, and a step verifying 5 drafts costs about 4 plain steps, so speculation does
-    not pay (docs/benchmarks.md). Everywhere else ``auto`` stays vLLM's choice (bf16 for bf16
-    checkpoints), as does any dtype the profile names.
+    no AVX-512 or AMX): there vLLM's bf16 falls back to a GEMM that decoded 1.4x (one request)
+    to 3.8x (16 requests) slower than float32 on 2 AVX2 cores, and made a step verifying 5
+    drafts cost about 4 plain steps, so speculation did not pay (docs/benchmarks.md).
+    Everywhere else ``auto`` stays vLLM's choice (bf16 for bf16 checkpoints), as does any
+    dtype the profile names.
     """
     dtype = profile.engine.dtype
     if dtype != "auto" or profile.hardware.accelerator != "cpu":

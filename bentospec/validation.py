@@ -408,11 +408,13 @@ def _draft_kind(method: str) -> DraftKind | None:
     return "mtp" if _is_mtp(method) else _DRAFT_KINDS.get(method)
 
 
-def _weight_bits(check: _Check, arch: ModelArch, quantization: str | None) -> float:
-    """Bits per decoder-layer weight: quantized, or the dtype vLLM loads (16 unless float32)."""
+def _weight_bits(
+    check: _Check, arch: ModelArch, quantization: str | None, dtype_bytes: int
+) -> float:
+    """Bits per decoder-layer weight: quantized, or the dtype vLLM loads."""
     method = quantization or arch.quant_method
     if method is None:
-        return 32.0 if engine_dtype(check.profile) == "float32" else 16.0
+        return 8.0 * dtype_bytes
     if method not in _QUANT_BITS:
         raise check.error(
             "engine.quantization",
@@ -441,13 +443,14 @@ def _estimate(
     """Weights and KV bytes per token over all GPUs, sharding and replication included."""
     engine, spec = check.profile.engine, check.profile.speculative
     tp = engine.tensor_parallel_size
-    # vLLM's dtype "auto" loads fp32 checkpoints as fp16, so only an explicit float32 is 4 bytes.
+    # vLLM's dtype "auto" loads fp32 checkpoints as fp16, so only float32 (named, or chosen for
+    # this CPU by engine_dtype) is 4 bytes.
     dtype_bytes = 4 if engine_dtype(check.profile) == "float32" else 2
     kv_bytes = _kv_cache_bytes(check, dtype_bytes)
 
     def weights(arch: ModelArch, kind: DraftKind, quantization: str | None) -> float:
         fp = footprint(arch, kind)
-        bits = _weight_bits(check, arch, quantization)
+        bits = _weight_bits(check, arch, quantization, dtype_bytes)
         return fp.linear_params * bits / 8 + fp.other_params * dtype_bytes
 
     def kv_per_token(arch: ModelArch, kind: DraftKind, shards: int) -> float:
