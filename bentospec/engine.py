@@ -85,9 +85,10 @@ class SpecEngine:
         draft = resolve_model(spec.model) if spec is not None and spec.model else None
         args = build_engine_args(self.profile, model=model, draft_model=draft)
         logger.info(
-            "starting vLLM for profile %r: model=%s speculative=%s",
+            "starting vLLM for profile %r: model=%s dtype=%s speculative=%s",
             self.profile.name,
             model,
+            args.dtype,
             args.speculative_config,
         )
         llm = vllm_api.start_engine(args)

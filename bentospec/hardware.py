@@ -139,7 +139,9 @@ def engine_dtype(profile: Profile) -> str:
         return dtype
     bf16 = vllm_api.cpu_bf16_gemm()
     if bf16 is False:
-        logger.info("profile %r: no oneDNN bf16 GEMM on this CPU: dtype float32", profile.name)
+        # Debug: engine arguments are built per engine and per bench configuration; the
+        # engine's start logs the dtype it got.
+        logger.debug("profile %r: no oneDNN bf16 GEMM on this CPU: dtype float32", profile.name)
         return "float32"
     return dtype
 

@@ -122,8 +122,9 @@ class SpeculativeSpec(_Strict):
     use_heterogeneous_vocab: bool = False
     #: ``adaptive-ngram`` only (required there): measured time of one engine step by the number
     #: of tokens it verifies across the batch, as (tokens, ms) points with rising tokens. The
-    #: proposer keeps a draft token only while it raises the batch's expected tokens per ms;
-    #: only the curve's shape matters, so points measured on a loaded machine still serve.
+    #: proposer keeps a draft token only while it raises the batch's expected tokens per ms.
+    #: This curve is its prior: it rescales the curve from the engine's own step times as it
+    #: runs, and only the curve's shape matters, so points from another host still serve.
     step_cost: tuple[StepCostPoint, ...] | None = None
 
     @model_validator(mode="before")
