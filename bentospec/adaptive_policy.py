@@ -207,10 +207,14 @@ class AdaptivePolicy:
     def __post_init__(self) -> None:
         self.pooled = Acceptance(self.k, POOLED_DECAY)
 
-    def rates(self, key: Hashable) -> list[float]:
+    def pooled_rates(self) -> list[float]:
+        """The batch's acceptance per draft position (0.5 before any verification)."""
+        return self.pooled.rates([0.5] * self.k, 2 * PRIOR_WEIGHT)
+
+    def rates(self, key: Hashable, pooled: Sequence[float] | None = None) -> list[float]:
         """A request's acceptance per draft position, the pooled rates as its prior."""
-        pooled = self.pooled.rates([0.5] * self.k, 2 * PRIOR_WEIGHT)
-        return self.states[key].acceptance.rates(pooled, PRIOR_WEIGHT)
+        prior = self.pooled_rates() if pooled is None else pooled
+        return self.states[key].acceptance.rates(prior, PRIOR_WEIGHT)
 
     def step(self, rows: Sequence[Row], now: float) -> tuple[list[int], list[Decision]]:
         """Record the step that just ran (called at ``now``, seconds), then choose the next
@@ -225,8 +229,9 @@ class AdaptivePolicy:
                 state.observe(row.verified_drafts, row.sampled - 1)
                 self.pooled.observe(row.verified_drafts, row.sampled - 1)
         wanted = [0 if row.off else min(row.available, self.k) for row in rows]
+        pooled = self.pooled_rates()
         gains = [
-            list(accumulate(self.rates(row.key)[:n], operator.mul))
+            list(accumulate(self.rates(row.key, pooled)[:n], operator.mul))
             for row, n in zip(rows, wanted, strict=True)
         ]
         ks = choose_ks(gains, lambda tokens: self.cost.time(len(rows), tokens))
