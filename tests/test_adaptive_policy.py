@@ -32,7 +32,7 @@ class Clock:
     def __init__(self) -> None:
         self.now = 0.0
 
-    def tick(self, ms: float = 10.0) -> float:
+    def tick(self, ms: float) -> float:
         self.now += ms / 1000.0
         return self.now
 
