@@ -186,6 +186,13 @@ def cpu_kernel_fallbacks() -> Any:
     return cpu_triton_utils
 
 
+def rejection_sampler() -> Any:
+    """``vllm.v1.sample.rejection_sampler``: its ``apply_sampling_constraints`` runs each step."""
+    from vllm.v1.sample import rejection_sampler
+
+    return rejection_sampler
+
+
 def ngram_proposer(config: VllmConfig) -> NgramProposer:
     from vllm.v1.spec_decode.ngram_proposer import NgramProposer
 
