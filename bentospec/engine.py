@@ -50,6 +50,7 @@ class SpecEngine:
         self.model_path: str | None = None
         self._llm: AsyncLLM | None = None
         self._chat: ChatEncoder | None = None
+        self._generation_defaults: dict[str, object] = {}
         #: One thread: prompts tokenize off the event loop, in turn, so that long ones never
         #: take more than one core from the engine core.
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="bentospec-tokenize")
@@ -93,6 +94,8 @@ class SpecEngine:
         )
         llm = vllm_api.start_engine(args)
         self._chat = ChatEncoder(llm.get_tokenizer())
+        # vLLM reads generation_config.json from disk on every call: once here, off the loop.
+        self._generation_defaults = vllm_api.generation_defaults(llm)
         return llm
 
     async def encode(self, prompt: str) -> list[int]:
@@ -110,8 +113,10 @@ class SpecEngine:
 
     def generation_defaults(self) -> dict[str, object]:
         """The model's ``generation_config.json`` sampling values (what ``vllm serve`` applies
-        to requests that leave them out); empty where the model sets none."""
-        return vllm_api.generation_defaults(self.llm)
+        to requests that leave them out), read when the engine started; empty where the model
+        sets none."""
+        self.llm  # noqa: B018 - raises unless ready
+        return self._generation_defaults
 
     async def generate(
         self, prompt: str | TokensPrompt, params: SamplingParams, request_id: str | None = None

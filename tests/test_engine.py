@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from bentospec import vllm_api
 from bentospec.dataset import load_cases, render_cases
 from bentospec.engine import EngineStatus, SpecEngine
 from bentospec.generation import RequestRejected, generate_full, stream_text, tokenized
@@ -27,6 +28,21 @@ def rag_prompt(engine: SpecEngine, index: int = 0) -> tuple[str, str]:
 
 def test_engine_is_ready(cpu_engine: SpecEngine) -> None:
     assert cpu_engine.status is EngineStatus.READY
+
+
+def test_generation_defaults_are_read_once_at_start(
+    cpu_engine: SpecEngine, loop: LoopThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests use the values read at start: vLLM's reader opens generation_config.json."""
+    expected = vllm_api.generation_defaults(cpu_engine.llm)
+
+    def reads_the_disk(_: object) -> dict[str, object]:
+        raise AssertionError("generation config read again for a request")
+
+    monkeypatch.setattr(vllm_api, "generation_defaults", reads_the_disk)
+    assert cpu_engine.generation_defaults() == expected
+    result = loop.run(generate_full(cpu_engine, "Hello", SamplingOptions(max_tokens=2)))
+    assert result.completion_tokens == 2
 
 
 def test_generates_coherent_text_about_the_document(
