@@ -31,7 +31,7 @@ from bentospec.hardware import select_profile
 from bentospec.metrics import SpecGauges, StatusGauges, engine_counters
 from bentospec.model_store import is_hub_reference
 from bentospec.opea import build_opea_app
-from bentospec.openai_app import attach, build_openai_app, serve
+from bentospec.openai_app import attach, build_openai_app, detach, serve
 from bentospec.packaging import bento_image
 from bentospec.prompts import PromptTemplates
 from bentospec.schemas import GenerateRequest, GenerateResult
@@ -86,15 +86,26 @@ class BentoSpec:
         serve(openai_app, self.engine)
         # Load in the background: awaiting here would block every route, /livez included.
         self._supervisor.spawn(self._load(), "engine load")
-        # A failed load or a dead engine core never comes back: restart the worker instead.
-        self._supervisor.spawn(watch_engine(self.engine, self._supervisor.backoff), "watchdog")
+        # A dead engine core is replaced in this worker; a failed load restarts the worker.
+        watchdog = watch_engine(self.engine, self._supervisor.backoff, revive=self._revive)
+        self._supervisor.spawn(watchdog, "watchdog")
 
     async def _load(self) -> None:
         await self.engine.start()
-        self.status_gauges.set_ready(True)
-        await attach(openai_app, self.engine)
+        await self._serving()
         if PROFILE.speculative is not None:
             self._supervisor.spawn(self._refresh_gauges(), "acceptance gauges")
+
+    async def _revive(self) -> None:
+        self.status_gauges.set_ready(False)
+        detach(openai_app)  # its handlers still point at the dead engine
+        await self.engine.restart()
+        await self._serving()
+
+    async def _serving(self) -> None:
+        """The OpenAI routes and the readiness gauge follow the engine that just started."""
+        self.status_gauges.set_ready(True)
+        await attach(openai_app, self.engine)
 
     async def _refresh_gauges(self) -> None:
         while True:

@@ -69,7 +69,13 @@ def description(profile: Profile) -> str:
 
 
 def rewrite_spec(spec: dict[str, Any], profile: Profile) -> dict[str, Any]:
-    """BentoML's spec with this project's info and route groups."""
+    """BentoML's spec with this project's info and route groups, as OpenAPI 3.1.
+
+    BentoML labels its spec 3.0.2, but its schemas (pydantic v2) and the OpenAI routes' (FastAPI)
+    are JSON Schema 2020-12, OpenAPI 3.1's dialect: a numeric ``exclusiveMinimum`` and
+    ``{"type": "null"}`` are invalid 3.0, and OpenAPI tools (schemathesis) reject them.
+    """
+    spec["openapi"] = "3.1.0"
     spec["info"] = {
         "title": "bentospec",
         "description": description(profile),

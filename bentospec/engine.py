@@ -132,6 +132,18 @@ class SpecEngine:
     def num_unfinished_requests(self) -> int:
         return vllm_api.unfinished_requests(self._llm) if self._llm is not None else 0
 
+    async def restart(self) -> None:
+        """Replace a dead engine with a new one in this process: :meth:`start` again.
+
+        The new engine-core process loads vLLM's compile cache and skips the imports a new
+        worker would redo: ~25 s on 2 cores against ~60 s for a worker restart. Requests get
+        503 "engine is loading" meanwhile.
+        """
+        dead, self._llm, self.error = self._llm, None, None
+        if dead is not None:
+            await asyncio.to_thread(dead.shutdown)  # ends what is left of its processes
+        await self.start()
+
     def shutdown(self) -> None:
         if self._llm is not None:
             self._llm.shutdown()

@@ -10,9 +10,9 @@ from __future__ import annotations
 import bentoml
 from bentoml.exceptions import BentoMLException
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bentospec.engine import EngineUnavailable
+from bentospec.engine import EngineUnavailable, SpecEngine
 
 #: The service's own routes that need the engine.
 GATED_PATHS = frozenset({"/generate", "/generate_full"})
@@ -29,20 +29,52 @@ def unavailable(message: str) -> JSONResponse:
     return openai_error(503, "ServiceUnavailable", message)
 
 
+def engine_failed(engine: SpecEngine | None, exc: Exception) -> JSONResponse:
+    """The answer to a request the engine failed under: 503 naming the engine's state when it
+    died (the watchdog brings it back), else a JSON 500 with the cause."""
+    try:
+        if engine is None:
+            raise EngineUnavailable("engine is loading")
+        engine.llm  # noqa: B018 - raises with the engine's state once the engine core died
+    except EngineUnavailable as dead:
+        return unavailable(str(dead))
+    return openai_error(500, "InternalServerError", f"{type(exc).__name__}: {exc}")
+
+
 class EngineGateMiddleware:
+    """503 with the engine's state on :data:`GATED_PATHS` while the engine cannot serve, also
+    for a request the engine died under (BentoML would answer it with a generic 500)."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in GATED_PATHS:
-            try:
-                service = bentoml.get_current_service()
-            except BentoMLException:  # raised only before the worker has built the service
-                await unavailable("engine is loading")(scope, receive, send)
-                return
-            try:
-                service.engine.llm  # noqa: B018 - raises unless ready
-            except EngineUnavailable as exc:
-                await unavailable(str(exc))(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["path"] not in GATED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            engine: SpecEngine = bentoml.get_current_service().engine
+        except BentoMLException:  # raised only before the worker has built the service
+            await unavailable("engine is loading")(scope, receive, send)
+            return
+        try:
+            engine.llm  # noqa: B018 - raises unless ready
+        except EngineUnavailable as exc:
+            await unavailable(str(exc))(scope, receive, send)
+            return
+        replaced = False
+
+        async def send_or_replace(message: Message) -> None:
+            nonlocal replaced
+            if replaced:
+                return  # the failed response's body
+            if message["type"] == "http.response.start" and message["status"] >= 500:
+                try:
+                    engine.llm  # noqa: B018 - raises once the engine core died
+                except EngineUnavailable as exc:
+                    replaced = True
+                    await unavailable(str(exc))(scope, receive, send)
+                    return
+            await send(message)
+
+        await self.app(scope, receive, send_or_replace)

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: vLLM samples greedily below this temperature (``vllm.sampling_params._SAMPLING_EPS``).
+GREEDY_BELOW = 1e-5
+
 
 class RequestRejected(ValueError):
     """The request is invalid for this profile; ``field`` names the offending input (HTTP 400)."""
@@ -55,7 +58,7 @@ def check_request(
             prompt_field,
             f"{len(prompt)} characters exceeds the limit of {profile.serving.max_prompt_chars}",
         )
-    check_sampling(profile, options)
+    check_sampling(engine, min_p=options.min_p, temperature=options.temperature)
     spec = profile.speculative
     if options.speculation == "off" and spec is not None and spec.method != "adaptive-ngram":
         raise RequestRejected(
@@ -85,14 +88,38 @@ async def tokenized(
     return vllm_api.tokens_prompt(ids)
 
 
-def check_sampling(profile: Profile, options: SamplingOptions) -> None:
-    """Refuse sampling settings the profile's speculation cannot honour (HTTP 400)."""
-    if profile.speculative is None:
+def check_sampling(
+    engine: SpecEngine, *, min_p: float, temperature: float | None, logit_bias: object = None
+) -> None:
+    """Refuse sampling settings the profile's speculation cannot honour (HTTP 400).
+
+    vLLM's own rule (``SamplingParams._validate_spec_decode``), for every API: with speculation,
+    ``min_p`` on a sampled request and ``logit_bias`` are refused; greedy requests drop
+    ``min_p``. vLLM refuses a streamed request only after its stream started, as an error
+    event: checking first gives every client a 400 naming the field.
+    """
+    if engine.profile.speculative is None:
         return
-    if options.min_p > 0:
+    if (
+        min_p > GREEDY_BELOW
+        and request_temperature(temperature, engine.generation_defaults()) >= GREEDY_BELOW
+    ):
         raise RequestRejected(
-            "min_p", "vLLM does not support min_p with speculative decoding: send 0"
+            "min_p",
+            "vLLM does not support min_p with speculative decoding: send 0 (or temperature 0)",
         )
+    if logit_bias:
+        raise RequestRejected(
+            "logit_bias", "vLLM does not support logit_bias with speculative decoding"
+        )
+
+
+def request_temperature(temperature: float | None, defaults: Mapping[str, Any] | None) -> float:
+    """The temperature a request runs at: its own, else the model's generation config
+    (``defaults``), else vLLM's 1.0, as in ``vllm serve``."""
+    if temperature is not None:
+        return temperature
+    return float((defaults or {}).get("temperature", 1.0))
 
 
 def sampling_params(
@@ -100,17 +127,13 @@ def sampling_params(
 ) -> SamplingParams:
     """vLLM's ``SamplingParams`` for ``options``: the one place requests become them.
 
-    ``defaults`` is the model's generation config (:meth:`SpecEngine.generation_defaults`);
-    like ``vllm serve``, it supplies the temperature a request leaves out (else vLLM's 1.0).
+    ``defaults`` is the model's generation config (:meth:`SpecEngine.generation_defaults`).
     """
     sampling_fields = set(SamplingOptions.model_fields) - {"stop", "temperature", SWITCH_KEY}
-    temperature = options.temperature
-    if temperature is None:
-        temperature = (defaults or {}).get("temperature", 1.0)
     return vllm_api.sampling_params(
         stream=stream,
         **options.model_dump(include=sampling_fields),
-        temperature=temperature,
+        temperature=request_temperature(options.temperature, defaults),
         stop=list(options.stop) or None,
         # Read per request by the adaptive-ngram proposer in the engine core.
         extra_args={SWITCH_KEY: "off"} if options.speculation == "off" else None,

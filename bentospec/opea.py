@@ -17,9 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import Field
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from bentospec import sse
+from bentospec import sse, vllm_api
 from bentospec.engine import EngineStatus, EngineUnavailable, SpecEngine
-from bentospec.gate import unavailable
+from bentospec.gate import engine_failed, unavailable
 from bentospec.generation import (
     RequestRejected,
     check_request,
@@ -67,6 +67,13 @@ def build_opea_app(templates: PromptTemplates) -> FastAPI:
         title="OPEA spec_decode compatible API", openapi_url=None, docs_url=None, redoc_url=None
     )
     app.state.engine = None
+
+    async def _engine_failed(request: Request, exc: Exception) -> JSONResponse:
+        # FastAPI's default is a bare-text 500; clients parse a JSON error.
+        return engine_failed(request.app.state.engine, exc)
+
+    for failure in vllm_api.engine_failures():
+        app.add_exception_handler(failure, _engine_failed)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:

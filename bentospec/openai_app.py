@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -18,9 +19,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bentospec import vllm_api
 from bentospec.engine import EngineUnavailable, SpecEngine
-from bentospec.gate import openai_error, unavailable
+from bentospec.gate import engine_failed, openai_error, unavailable
+from bentospec.generation import RequestRejected, check_sampling
 
 CHAT_PATH = "/v1/chat/completions"
+RESPONSES_PATH = "/v1/responses"
 #: The routes of vLLM's serving layer the service exposes: what OpenAI-SDK clients call
 #: (``/v1/responses`` is stateless: retrieving or cancelling stored responses needs vLLM's
 #: in-memory store, which is off), plus vLLM's tokenizer routes. The rest stays private.
@@ -29,7 +32,7 @@ OPENAI_ROUTES = frozenset(
         "/v1/models",
         "/v1/completions",
         CHAT_PATH,
-        "/v1/responses",
+        RESPONSES_PATH,
         "/tokenize",
         "/detokenize",
     }
@@ -70,7 +73,7 @@ def build_openai_app() -> FastAPI:
         app.exception_handlers[failure] = _engine_failed
     app.state.bentospec_engine = None
     app.state.bentospec_attached = False
-    app.add_middleware(StringMessagesMiddleware)
+    app.add_middleware(RequestRewriteMiddleware)
 
     @app.middleware("http")
     async def _guard(
@@ -93,17 +96,9 @@ def build_openai_app() -> FastAPI:
 
 
 async def _engine_failed(request: Request, exc: Exception) -> JSONResponse:
-    """503 naming the engine's state when it died under a request, else 500.
-
-    vLLM's own handler stops ``vllm serve``'s uvicorn server (``app.state.server``, which BentoML
-    owns here, so it failed with a bare 500); the service's watchdog restarts the worker instead.
-    """
-    engine: SpecEngine = request.app.state.bentospec_engine
-    try:
-        engine.llm  # noqa: B018 - raises with the engine's state once the engine core died
-    except EngineUnavailable as dead:
-        return unavailable(str(dead))
-    return openai_error(500, "InternalServerError", str(exc))
+    """vLLM's own handler stops ``vllm serve``'s uvicorn server (``app.state.server``, which
+    BentoML owns here, so it failed with a bare 500); the service's watchdog acts instead."""
+    return engine_failed(request.app.state.bentospec_engine, exc)
 
 
 async def _refused(request: Request, engine: SpecEngine) -> JSONResponse | None:
@@ -111,7 +106,8 @@ async def _refused(request: Request, engine: SpecEngine) -> JSONResponse | None:
 
     ``n`` beyond the profile's ``max_num_seqs`` would fill the batch with one request's copies
     and queue everyone else; a ``messages`` that is neither a list nor OPEA's one string gets
-    "'int' object is not iterable" from vLLM.
+    "'int' object is not iterable" from vLLM; sampling that speculation cannot honour is
+    refused by vLLM only once a stream has started (:func:`check_sampling`).
     """
     try:
         body = await request.json()
@@ -124,6 +120,14 @@ async def _refused(request: Request, engine: SpecEngine) -> JSONResponse | None:
         return _bad_request("n", f"n must be at most {limit} (the profile's max_num_seqs), got {n}")
     if "messages" in body and not isinstance(body["messages"], str | list):
         return _bad_request("messages", "messages must be a list of messages or one string")
+    min_p, temperature = body.get("min_p") or 0.0, body.get("temperature")
+    if isinstance(min_p, int | float) and isinstance(temperature, int | float | None):
+        try:  # other types: vLLM's request model names the field
+            check_sampling(
+                engine, min_p=min_p, temperature=temperature, logit_bias=body.get("logit_bias")
+            )
+        except RequestRejected as exc:
+            return _bad_request(exc.field, str(exc))
     return None
 
 
@@ -131,18 +135,23 @@ def _bad_request(param: str, message: str) -> JSONResponse:
     return openai_error(400, "BadRequestError", message, param=param)
 
 
-class StringMessagesMiddleware:
-    """Chat requests whose ``messages`` is one string become one user message.
+class RequestRewriteMiddleware:
+    """Rewrites request bodies that vLLM's serving layer would misread, before it reads them.
 
-    OPEA's LLM microservice accepts ``{"messages": "What is Deep Learning?"}`` and its clients
-    send it; vLLM's request model only takes a list of messages.
+    - Chat requests whose ``messages`` is one string become one user message: OPEA's LLM
+      microservice accepts ``{"messages": "What is Deep Learning?"}`` and its clients send it;
+      vLLM's request model only takes a list of messages.
+    - Responses requests whose input replays an assistant message: vLLM 0.32 reads only
+      ``content[0].text`` of it, so a refusal part (or an empty content list) raised a 500; the
+      parts become one ``output_text`` with their text.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != CHAT_PATH:
+        rewrite = _REWRITES.get(scope["path"]) if scope["type"] == "http" else None
+        if rewrite is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -153,7 +162,7 @@ class StringMessagesMiddleware:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        body = _messages_as_list(b"".join(chunks))
+        body = _rewritten(b"".join(chunks), rewrite)
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         replayed = False
@@ -168,16 +177,55 @@ class StringMessagesMiddleware:
         await self.app({**scope, "headers": headers}, replay, send)
 
 
-def _messages_as_list(body: bytes) -> bytes:
-    """``body`` with a string ``messages`` turned into ``[{"role": "user", ...}]``; else as is."""
+def _rewritten(body: bytes, rewrite: Callable[[dict[str, Any]], bool]) -> bytes:
+    """``body`` after ``rewrite`` (which says whether it changed the request); else as is."""
     try:
         request = json.loads(body)
     except ValueError:
         return body  # vLLM answers malformed JSON itself
-    if not isinstance(request, dict) or not isinstance(request.get("messages"), str):
+    if not isinstance(request, dict) or not rewrite(request):
         return body
-    request["messages"] = [{"role": "user", "content": request["messages"]}]
     return json.dumps(request).encode()
+
+
+def _messages_as_list(request: dict[str, Any]) -> bool:
+    """A string ``messages`` becomes ``[{"role": "user", ...}]``."""
+    if not isinstance(request.get("messages"), str):
+        return False
+    request["messages"] = [{"role": "user", "content": request["messages"]}]
+    return True
+
+
+def _assistant_output_as_text(request: dict[str, Any]) -> bool:
+    """Assistant output messages in ``input`` get one ``output_text`` part with all their text
+    (refusals included); parts of other types are left for vLLM to validate."""
+    items = request.get("input")
+    changed = False
+    for item in items if isinstance(items, list) else ():
+        if not (isinstance(item, dict) and item.get("type") == "message"):
+            continue
+        parts = item.get("content")
+        if item.get("role") != "assistant" or not isinstance(parts, list):
+            continue
+        texts = [_part_text(part) for part in parts]
+        if all(isinstance(text, str) for text in texts):
+            item["content"] = [{"type": "output_text", "text": "".join(texts), "annotations": []}]
+            changed = True
+    return changed
+
+
+def _part_text(part: object) -> str | None:
+    if isinstance(part, dict):
+        key = {"output_text": "text", "refusal": "refusal"}.get(str(part.get("type")))
+        if key is not None and isinstance(part.get(key), str):
+            return part[key]
+    return None
+
+
+_REWRITES: dict[str, Callable[[dict[str, Any]], bool]] = {
+    CHAT_PATH: _messages_as_list,
+    RESPONSES_PATH: _assistant_output_as_text,
+}
 
 
 def serving_argv(engine: SpecEngine) -> list[str]:
@@ -197,6 +245,11 @@ def serving_argv(engine: SpecEngine) -> list[str]:
     if (template := openai.chat_template_file) is not None:
         argv += ["--chat-template", str(template)]
     return argv
+
+
+def detach(app: FastAPI) -> None:
+    """503 "engine is loading" until :func:`attach` points the serving layer at a new engine."""
+    app.state.bentospec_attached = False
 
 
 def serve(app: FastAPI, engine: SpecEngine) -> None:

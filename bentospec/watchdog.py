@@ -1,8 +1,11 @@
-"""Turn an engine that failed to load, or died, into a worker restart, with a bounded backoff.
+"""Bring back an engine that died, in the worker; turn one that fails to load into a worker
+restart, with a bounded backoff.
 
 vLLM never restarts its engine-core process: once it dies (OOM kill, crash in a kernel) the
 ``AsyncLLM`` stays errored, and an engine that failed to load stays failed; every request would
-get 503 until someone restarts the service. The :class:`Supervisor` stops the worker instead,
+get 503 until someone restarts the service. :func:`watch_engine` starts a new engine in the
+same worker when the engine core dies (the fast path: no imports to redo, the compile cache
+loads). If that load fails, or the first one did, the :class:`Supervisor` stops the worker,
 so that its supervisor starts a fresh one with a new engine. BentoML's circus arbiter respawns
 workers under ``bentoml serve``; inside a container (``BENTOML_CONTAINERIZED``, BentoCloud) it
 does not, and the orchestrator restarts the container once ``/livez`` stops answering.
@@ -21,7 +24,7 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -100,25 +103,39 @@ async def watch_engine(
     engine: SpecEngine,
     backoff: RestartBackoff,
     *,
+    revive: Callable[[], Awaitable[None]] | None = None,
     interval: float = CHECK_INTERVAL_SECONDS,
     grace: float = SHUTDOWN_GRACE_SECONDS,
 ) -> None:
-    """Reset ``backoff`` once ``engine`` is ready; raise :class:`EngineDown` once it is not.
+    """Reset ``backoff`` once ``engine`` is ready; when its engine core dies, await ``revive``
+    (a new engine in this worker) and watch again; raise :class:`EngineDown` once it failed to
+    load, or died with no ``revive``.
 
     Runs from the start of the load, so a load that fails is acted on like an engine that dies.
     """
-    while engine.status is EngineStatus.LOADING:
-        await asyncio.sleep(interval)
-    if engine.status is EngineStatus.READY:
-        backoff.reset()
-    while engine.status is EngineStatus.READY:
-        await asyncio.sleep(interval)
-    await asyncio.sleep(grace)
-    if engine.status is EngineStatus.DEAD:
-        raise EngineDown(f"the vLLM engine core of profile {engine.profile.name!r} died")
-    raise EngineDown(
-        f"the vLLM engine of profile {engine.profile.name!r} failed to load: {engine.error}"
-    )
+    while True:
+        while engine.status is EngineStatus.LOADING:
+            await asyncio.sleep(interval)
+        if engine.status is EngineStatus.READY:
+            backoff.reset()
+        while engine.status is EngineStatus.READY:
+            await asyncio.sleep(interval)
+        await asyncio.sleep(grace)
+        if engine.status is not EngineStatus.DEAD:
+            raise EngineDown(
+                f"the vLLM engine of profile {engine.profile.name!r} failed to load: {engine.error}"
+            )
+        died = f"the vLLM engine core of profile {engine.profile.name!r} died"
+        if revive is None:
+            raise EngineDown(died)
+        logger.error("%s: starting a new engine in this worker (503 until it is ready)", died)
+        started = asyncio.get_running_loop().time()
+        await revive()  # a failed load raises: the supervisor restarts the worker
+        logger.info(
+            "engine of profile %r ready again %.1f s after its death was seen",
+            engine.profile.name,
+            asyncio.get_running_loop().time() - started + grace,
+        )
 
 
 class Supervisor:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import HealthCheck, Phase, settings
 
 # Re-exported: the tests start servers with the benchmark's launcher.
 from bentospec.bench.servers import ServerProcess as ServerProcess
@@ -58,6 +59,32 @@ class LoopThread:
         self._thread.join(10)
 
 
+#: ``BENTOSPEC_FUZZ_EXAMPLES=N``: N random examples per fuzzed test instead of CI's fixed run.
+FUZZ_EXAMPLES_ENV = "BENTOSPEC_FUZZ_EXAMPLES"
+#: Examples per fuzzed test in CI, from a fixed seed: inside CI's budget.
+CI_FUZZ_EXAMPLES = 60
+
+
+def fuzz_settings(max_examples: int = CI_FUZZ_EXAMPLES) -> settings:
+    """Hypothesis settings of the tests that fuzz a live server.
+
+    CI: ``max_examples`` examples, derandomized (the same run every time, no database).
+    With :data:`FUZZ_EXAMPLES_ENV`: that many random examples; failing ones are kept in
+    ``.hypothesis/`` (git-ignored) and replayed first next time. No shrinking: a request that
+    kills the engine fails every later one until the worker restarts, so the first failing
+    example is the one to report.
+    """
+    longer = os.environ.get(FUZZ_EXAMPLES_ENV)
+    return settings(
+        max_examples=int(longer) if longer else max_examples,
+        derandomize=not longer,
+        deadline=None,  # one example is a batch of real generations
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        print_blob=True,
+    )
+
+
 @pytest.fixture(scope="session")
 def loop() -> Iterator[LoopThread]:
     runner = LoopThread()
@@ -78,6 +105,13 @@ def cpu_engine(loop: LoopThread) -> Iterator[SpecEngine]:
 def server() -> Iterator[ServerProcess]:
     """``bentoml serve`` on the ``cpu`` profile, ready."""
     with ServerProcess("cpu") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
+def adaptive_server() -> Iterator[ServerProcess]:
+    """``bentoml serve`` on ``cpu-adaptive`` (vLLM's ``custom_class`` proposer path), ready."""
+    with ServerProcess("cpu-adaptive") as proc:
         yield proc
 
 

@@ -155,8 +155,11 @@ def test_image_installs_bentospec_with_its_vllm_plugin(
     subprocess.run(["bash", "-c", command], cwd=workdir, env=env, check=True, timeout=300)
 
     (dist,) = importlib.metadata.distributions(name="bentospec", path=[str(site)])
-    (plugin,) = dist.entry_points.select(group="vllm.general_plugins")
-    assert plugin.value == "bentospec.cpu_sampling_fix:register"
+    plugins = {p.value for p in dist.entry_points.select(group="vllm.general_plugins")}
+    assert plugins == {
+        "bentospec.cpu_sampling_fix:register",
+        "bentospec.cpu_compile_cache_fix:register",
+    }
     assert dist.read_text("METADATA").partition("\n\n")[2].strip(), "README.md did not reach it"
 
     # After the Bento's `COPY . ./`, the plugin module is the service's own ./src/bentospec.
@@ -175,7 +178,9 @@ def test_image_installs_bentospec_with_its_vllm_plugin(
 FIND_PLUGIN = """
 import importlib.metadata, importlib.util, site, sys
 site.addsitedir(sys.argv[1])
-(plugin,) = importlib.metadata.entry_points(group="vllm.general_plugins")
+(plugin,) = importlib.metadata.entry_points(
+    group="vllm.general_plugins", name="bentospec_cpu_sampling_fix"
+)
 print(importlib.util.find_spec(plugin.module).origin)
 """
 

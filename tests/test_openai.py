@@ -225,6 +225,25 @@ def test_responses_api_answers_as_chat_does(server: ServerProcess) -> None:
     assert response.output_text and response.output_text == chat.choices[0].message.content
 
 
+@pytest.mark.parametrize(
+    "content",
+    [[{"type": "refusal", "refusal": "I cannot say."}], []],
+    ids=["refusal", "empty"],
+)
+def test_responses_replaying_an_assistant_refusal_or_empty_message_completes(
+    server: ServerProcess, content: list[dict[str, str]]
+) -> None:
+    """vLLM 0.32 read ``content[0].text`` of replayed assistant output: a 500 (fuzzer find)."""
+    replayed = {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed"}
+    response = _client(server).responses.create(
+        model=MODEL,
+        input=[{**replayed, "content": content}, {"role": "user", "content": "Then say hi."}],
+        temperature=0,
+        max_output_tokens=4,
+    )
+    assert response.status in ("completed", "incomplete") and response.output_text, response
+
+
 def test_tokenize_and_detokenize_round_trip(server: ServerProcess) -> None:
     text = "The capital of France is Paris."
     with httpx.Client(base_url=server.url, timeout=60) as client:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from pathlib import Path
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -59,9 +59,11 @@ def test_unreadable_backoff_state_counts_as_no_restart(tmp_path: Path) -> None:
 # --- watchdog --------------------------------------------------------------------------------
 
 
-async def _watch(engine: SimpleNamespace, backoff: RestartBackoff) -> asyncio.Task[None]:
+async def _watch(
+    engine: SimpleNamespace, backoff: RestartBackoff, revive: Any = None
+) -> asyncio.Task[None]:
     task = asyncio.create_task(
-        watch_engine(cast(SpecEngine, engine), backoff, interval=0.01, grace=0)
+        watch_engine(cast(SpecEngine, engine), backoff, revive=revive, interval=0.01, grace=0)
     )
     await asyncio.sleep(0.1)
     return task
@@ -93,6 +95,43 @@ def test_dead_engine_is_reported_and_a_ready_one_resets_the_backoff(tmp_path: Pa
         assert not task.done() and backoff.restarts == 0
         engine.status = EngineStatus.DEAD
         with pytest.raises(EngineDown, match="engine core of profile 'cpu' died"):
+            await asyncio.wait_for(task, 5)
+
+    asyncio.run(run())
+
+
+def test_dead_engine_is_revived_in_the_worker_and_watched_again(tmp_path: Path) -> None:
+    engine = fake_engine(EngineStatus.READY)
+    revived: list[int] = []
+
+    async def revive() -> None:
+        engine.status = EngineStatus.LOADING
+        await asyncio.sleep(0.05)
+        revived.append(1)
+        engine.status = EngineStatus.READY
+
+    async def run() -> None:
+        task = await _watch(engine, RestartBackoff(tmp_path / "restarts.json"), revive)
+        for deaths in (1, 2):  # each death gets a new engine, and the new one is watched
+            engine.status = EngineStatus.DEAD
+            await asyncio.sleep(0.3)
+            assert len(revived) == deaths and not task.done()
+        task.cancel()
+
+    asyncio.run(run())
+
+
+def test_a_revival_that_fails_to_load_is_left_to_a_worker_restart(tmp_path: Path) -> None:
+    engine = fake_engine(EngineStatus.READY)
+
+    async def revive() -> None:
+        engine.status, engine.error = EngineStatus.FAILED, "MemoryError: no room"
+        raise RuntimeError("MemoryError: no room")
+
+    async def run() -> None:
+        task = await _watch(engine, RestartBackoff(tmp_path / "restarts.json"), revive)
+        engine.status = EngineStatus.DEAD
+        with pytest.raises(RuntimeError, match="no room"):
             await asyncio.wait_for(task, 5)
 
     asyncio.run(run())
