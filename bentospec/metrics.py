@@ -108,8 +108,8 @@ class StatusGauges:
 
     ``bentospec_profile_info`` is an info-style gauge (always 1): dashboards and alerts read
     the profile from its labels and join on ``model_name``, vLLM's own label.
-    ``bentospec_engine_ready`` is 0 until the engine has loaded; a worker whose engine dies is
-    restarted (``watchdog``), and its successor starts again at 0.
+    ``bentospec_engine_ready`` is 0 until the engine has loaded, and again while a new engine
+    replaces one that died (``watchdog``).
     """
 
     def __init__(self, profile: Profile) -> None:

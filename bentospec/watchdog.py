@@ -36,8 +36,10 @@ logger = logging.getLogger(__name__)
 CHECK_INTERVAL_SECONDS = 1.0
 #: The engine core also exits when the server stops (circus sends SIGTERM to the worker's
 #: children too). Waiting this long before acting lets the service's on_shutdown cancel the
-#: watchdog first, so that a normal stop is not reported as a crash.
-SHUTDOWN_GRACE_SECONDS = 5.0
+#: watchdog first, so that a normal stop is not reported as a crash. Short, because it is part
+#: of every recovery; a revival that a stop cancels anyway leaves no engine behind (vLLM's
+#: engine core exits with the worker that started it).
+SHUTDOWN_GRACE_SECONDS = 2.0
 #: Requests that reached the engine just before it died may never finish, and uvicorn's graceful
 #: shutdown waits for their connections (up to the traffic timeout): exit hard after this long.
 EXIT_DEADLINE_SECONDS = 10.0

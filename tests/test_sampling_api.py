@@ -135,6 +135,37 @@ def test_top_k_and_n_sample_without_killing_the_engine(any_server: ServerProcess
     assert httpx.get(f"{any_server.url}/readyz", timeout=10).status_code == 200
 
 
+@pytest.mark.parametrize("fixture", ["server", "adaptive_server", "draft_server"])
+def test_top_k_without_top_p_returns_text_on_every_api(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """Issue 19's requests: ``top_k`` with ``top_p`` left at 1 killed the engine core on CPU
+    (docs/upstream/vllm-cpu-top-k-empty-step.md), on the ngram, custom_class and draft paths."""
+    server: ServerProcess = request.getfixturevalue(fixture)
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=300, max_retries=0)
+    sampling = {"max_tokens": 20, "temperature": 0.8, "extra_body": {"top_k": 10}}
+    texts = [client.completions.create(model=MODEL, prompt="The river", **sampling).choices[0].text]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "The river"}], **sampling}
+    texts.append(client.chat.completions.create(**chat).choices[0].message.content or "")
+    stream = client.chat.completions.create(**chat, stream=True)
+    texts.append("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+    own = httpx.post(
+        f"{server.url}/generate_full",
+        json={"prompt": "The river", "max_tokens": 20, "temperature": 0.8, "top_k": 10},
+        timeout=300,
+    )
+    assert own.status_code == 200, own.text
+    texts.append(own.json()["text"])
+    # OPEA's defaults send top_k 10; top_p 1.0 takes the top-k-only path.
+    opea = _opea(
+        server, {"query": "The river", "max_new_tokens": 20, "top_p": 1.0, "streaming": False}
+    )
+    assert opea.status_code == 200, opea.text
+    texts.append(opea.json()["text"])
+    assert all(t.strip() for t in texts), texts
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+
 def test_own_api_samples_by_default_like_vllm(server: ServerProcess) -> None:
     """No temperature: the model's generation config, else 1.0 (as ``vllm serve``)."""
     prompt = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
