@@ -70,6 +70,11 @@ class SpecEngine:
             raise EngineUnavailable(f"engine is {status.value}{detail}")
         return self._llm
 
+    def require_ready(self) -> None:
+        """Raise :class:`EngineUnavailable`, naming the state (a failed load's cause, a dead
+        engine), unless the engine serves."""
+        self.llm  # noqa: B018
+
     async def start(self) -> None:
         """Resolve the models and start the engine without blocking the event loop."""
         try:
@@ -104,7 +109,7 @@ class SpecEngine:
 
     async def encode_chat(self, message: str) -> list[int]:
         """Token ids of untrusted ``message`` as the user turn of the model's chat template."""
-        self.llm  # noqa: B018 - raises unless ready; the encoder is built with the engine
+        self.require_ready()  # the encoder is built with the engine
         return await self._tokenize(cast(ChatEncoder, self._chat).encode, message)
 
     async def _tokenize(self, encode: Callable[[str], list[int]], text: str) -> list[int]:
@@ -115,7 +120,7 @@ class SpecEngine:
         """The model's ``generation_config.json`` sampling values (what ``vllm serve`` applies
         to requests that leave them out), read when the engine started; empty where the model
         sets none."""
-        self.llm  # noqa: B018 - raises unless ready
+        self.require_ready()
         return self._generation_defaults
 
     async def generate(
@@ -129,8 +134,9 @@ class SpecEngine:
         async for output in self.llm.generate(prompt, params, request_id):
             yield output
 
-    def num_unfinished_requests(self) -> int:
-        return vllm_api.unfinished_requests(self._llm) if self._llm is not None else 0
+    def exit_code(self) -> int | None:
+        """Exit code of the engine-core process once it exited, else ``None``."""
+        return vllm_api.engine_exit_code(self._llm) if self._llm is not None else None
 
     async def restart(self) -> None:
         """Replace a dead engine with a new one in this process: :meth:`start` again.

@@ -35,7 +35,7 @@ def engine_failed(engine: SpecEngine | None, exc: Exception) -> JSONResponse:
     try:
         if engine is None:
             raise EngineUnavailable("engine is loading")
-        engine.llm  # noqa: B018 - raises with the engine's state once the engine core died
+        engine.require_ready()
     except EngineUnavailable as dead:
         return unavailable(str(dead))
     return openai_error(500, "InternalServerError", f"{type(exc).__name__}: {exc}")
@@ -58,7 +58,7 @@ class EngineGateMiddleware:
             await unavailable("engine is loading")(scope, receive, send)
             return
         try:
-            engine.llm  # noqa: B018 - raises unless ready
+            engine.require_ready()
         except EngineUnavailable as exc:
             await unavailable(str(exc))(scope, receive, send)
             return
@@ -70,7 +70,7 @@ class EngineGateMiddleware:
                 return  # the failed response's body
             if message["type"] == "http.response.start" and message["status"] >= 500:
                 try:
-                    engine.llm  # noqa: B018 - raises once the engine core died
+                    engine.require_ready()
                 except EngineUnavailable as exc:
                     replaced = True
                     await unavailable(str(exc))(scope, receive, send)

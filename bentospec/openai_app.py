@@ -83,7 +83,7 @@ def build_openai_app() -> FastAPI:
         try:
             if engine is None:
                 raise EngineUnavailable("engine is loading")
-            engine.llm  # noqa: B018 - raises unless ready: names a failed load or a dead engine
+            engine.require_ready()
             if not request.app.state.bentospec_attached:
                 raise EngineUnavailable("engine is loading")  # ready, serving layer not yet
         except EngineUnavailable as exc:

@@ -80,15 +80,22 @@ def engine_errored(llm: AsyncLLM) -> bool:
     return bool(llm.errored)
 
 
+def engine_exit_code(llm: AsyncLLM) -> int | None:
+    """The engine-core process's exit code; ``None`` while it runs (or if vLLM hides it).
+
+    0: a requested stop (on SIGTERM the engine core drains, then exits 0). A crash is anything
+    else: -9 (OOM kill, SIGKILL), -11 (segfault in a kernel), 1 (fatal error in the busy loop).
+    """
+    manager = getattr(llm.engine_core.resources, "engine_manager", None)
+    processes = getattr(manager, "processes", None) or ()
+    return processes[0].exitcode if processes else None
+
+
 def engine_failures() -> tuple[type[Exception], ...]:
     """What the serving layer raises when the engine fails under a request (dead or not)."""
     from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
     return (EngineDeadError, EngineGenerateError)
-
-
-def unfinished_requests(llm: AsyncLLM) -> int:
-    return llm.get_num_unfinished_requests()
 
 
 def generation_defaults(llm: AsyncLLM) -> dict[str, Any]:

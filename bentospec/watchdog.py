@@ -35,14 +35,19 @@ logger = logging.getLogger(__name__)
 #: Seconds between checks; vLLM's own monitor notices the death, this only polls its verdict.
 CHECK_INTERVAL_SECONDS = 1.0
 #: The engine core also exits when the server stops (circus sends SIGTERM to the worker's
-#: children too). Waiting this long before acting lets the service's on_shutdown cancel the
-#: watchdog first, so that a normal stop is not reported as a crash. Short, because it is part
-#: of every recovery; a revival that a stop cancels anyway leaves no engine behind (vLLM's
-#: engine core exits with the worker that started it).
+#: children too), with exit code 0. An engine core that exited so, or whose exit code is not
+#: known after this long, is waited for this long again before acting, so that the service's
+#: on_shutdown cancels the watchdog first and a normal stop is not reported as a crash. A crash
+#: (any other exit code) is acted on at once.
 SHUTDOWN_GRACE_SECONDS = 2.0
 #: Requests that reached the engine just before it died may never finish, and uvicorn's graceful
 #: shutdown waits for their connections (up to the traffic timeout): exit hard after this long.
 EXIT_DEADLINE_SECONDS = 10.0
+#: More in-process revivals than this within the window: the engine dies of something a new
+#: engine does not fix (a request retried by its client, a poisoned compile cache); the
+#: supervisor's worker restart with its backoff takes over.
+MAX_REVIVALS = 3
+REVIVAL_WINDOW_SECONDS = 600.0
 #: Wait before the second restart in a row; it doubles with each further one.
 FIRST_BACKOFF_SECONDS = 10.0
 #: The longest wait between two restarts: a fixed model or freed memory is picked up this soon.
@@ -115,6 +120,8 @@ async def watch_engine(
 
     Runs from the start of the load, so a load that fails is acted on like an engine that dies.
     """
+    revivals: list[float] = []
+    loop = asyncio.get_running_loop()
     while True:
         while engine.status is EngineStatus.LOADING:
             await asyncio.sleep(interval)
@@ -122,22 +129,39 @@ async def watch_engine(
             backoff.reset()
         while engine.status is EngineStatus.READY:
             await asyncio.sleep(interval)
-        await asyncio.sleep(grace)
+        # A crash (nonzero exit code) is acted on at once; a stop (exit code 0, SIGTERM from
+        # circus or the kubelet) or an unknown code waits for on_shutdown to cancel this task.
+        code = await _exit_code(engine, grace) if engine.status is EngineStatus.DEAD else None
+        if code in (None, 0):
+            await asyncio.sleep(grace)
         if engine.status is not EngineStatus.DEAD:
             raise EngineDown(
                 f"the vLLM engine of profile {engine.profile.name!r} failed to load: {engine.error}"
             )
-        died = f"the vLLM engine core of profile {engine.profile.name!r} died"
-        if revive is None:
+        died = f"the vLLM engine core of profile {engine.profile.name!r} died (exit code {code})"
+        now = loop.time()
+        revivals = [t for t in revivals if now - t < REVIVAL_WINDOW_SECONDS] + [now]
+        # Exit code 0 is a requested stop that on_shutdown did not cancel in time: not a crash a
+        # new engine would fix (an outside SIGTERM, say); the worker restart handles it.
+        if revive is None or code == 0 or len(revivals) > MAX_REVIVALS:
             raise EngineDown(died)
         logger.error("%s: starting a new engine in this worker (503 until it is ready)", died)
-        started = asyncio.get_running_loop().time()
+        started = loop.time()
         await revive()  # a failed load raises: the supervisor restarts the worker
         logger.info(
-            "engine of profile %r ready again %.1f s after its death was seen",
+            "engine of profile %r ready again %.1f s after the new one was started",
             engine.profile.name,
-            asyncio.get_running_loop().time() - started + grace,
+            loop.time() - started,
         )
+
+
+async def _exit_code(engine: SpecEngine, timeout: float, step: float = 0.1) -> int | None:
+    """The dead engine core's exit code, once its process has exited (``None`` after
+    ``timeout``: vLLM saw it die before the process was reaped, or hides the process)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (code := engine.exit_code()) is None and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(step)
+    return code
 
 
 class Supervisor:

@@ -28,6 +28,7 @@ def rag_prompt(engine: SpecEngine, index: int = 0) -> tuple[str, str]:
 
 def test_engine_is_ready(cpu_engine: SpecEngine) -> None:
     assert cpu_engine.status is EngineStatus.READY
+    assert cpu_engine.exit_code() is None  # vLLM's engine-core process, still running
 
 
 def test_generation_defaults_are_read_once_at_start(

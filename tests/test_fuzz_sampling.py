@@ -13,6 +13,7 @@ random examples per profile instead (see :func:`tests.conftest.fuzz_settings`).
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,7 +219,11 @@ def send(client: httpx.Client, call: Call) -> str | None:
     if call.refused:
         if not 400 <= status < 500:
             return f"expected a 4xx naming {sorted(call.refused)}, got {status}: {text[:300]}"
-        if not any(name in text for name in call.refused):
+        try:
+            json.loads(text)
+        except ValueError:
+            return f"{status} without a JSON body: {text[:300]}"
+        if not any(re.search(rf"\b{name}\b", text) for name in call.refused):
             return f"{status} does not name {sorted(call.refused)}: {text[:300]}"
         return None
     if status != 200:

@@ -20,17 +20,22 @@ PATH = sorted(GATED_PATHS)[0]
 
 class Engine:
     def __init__(self, error: Exception | None) -> None:
-        self._error = error
+        self.error = error
 
-    @property
-    def llm(self) -> object:
-        if self._error is not None:
-            raise self._error
-        return object()
+    def require_ready(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
-def gate(monkeypatch: pytest.MonkeyPatch, engine: Engine | None) -> TestClient:
-    """The gate around a plain app, in a worker whose service has ``engine`` (None: not built)."""
+def gate(
+    monkeypatch: pytest.MonkeyPatch,
+    engine: Engine | None,
+    *,
+    status: int = 200,
+    dies_under: Exception | None = None,
+) -> TestClient:
+    """The gate around a plain app answering ``status``, in a worker whose service has
+    ``engine`` (None: not built); ``dies_under`` makes the engine fail during the request."""
 
     def current_service() -> SimpleNamespace:
         if engine is None:
@@ -38,7 +43,14 @@ def gate(monkeypatch: pytest.MonkeyPatch, engine: Engine | None) -> TestClient:
         return SimpleNamespace(engine=engine)
 
     monkeypatch.setattr(bentoml, "get_current_service", current_service)
-    inner = Starlette(routes=[Route(PATH, lambda _: PlainTextResponse("served"), methods=["POST"])])
+
+    def route(_: object) -> PlainTextResponse:
+        if dies_under is not None and engine is not None:  # the engine core dies mid-request
+            engine.error = dies_under
+            return PlainTextResponse("An unexpected error has occurred", status_code=500)
+        return PlainTextResponse("served", status_code=status)
+
+    inner = Starlette(routes=[Route(PATH, route, methods=["POST"])])
     return TestClient(EngineGateMiddleware(inner))
 
 
@@ -64,3 +76,16 @@ def test_other_bentoml_errors_are_not_reported_as_loading(monkeypatch: pytest.Mo
     # A bug behind the gate must surface as the error it is, not as "engine is loading".
     with pytest.raises(BentoMLException, match="unrelated"):
         gate(monkeypatch, Engine(BentoMLException("unrelated"))).post(PATH)
+
+
+def test_a_request_the_engine_died_under_gets_503_with_its_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = Engine(None)
+    r = gate(monkeypatch, engine, dies_under=EngineUnavailable("engine is dead")).post(PATH)
+    assert r.status_code == 503 and r.json()["error"]["message"] == "engine is dead"
+
+
+def test_a_5xx_of_a_ready_engine_is_passed_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    r = gate(monkeypatch, Engine(None), status=500).post(PATH)
+    assert r.status_code == 500 and r.text == "served"

@@ -16,13 +16,22 @@ import pytest
 
 from bentospec.engine import EngineStatus, SpecEngine
 from bentospec.profile import load_profile
-from bentospec.watchdog import EngineDown, RestartBackoff, Supervisor, watch_engine
+from bentospec.watchdog import (
+    MAX_REVIVALS,
+    EngineDown,
+    RestartBackoff,
+    Supervisor,
+    watch_engine,
+)
 
 PROFILE = load_profile("cpu")
 
 
-def fake_engine(status: EngineStatus, error: str | None = None) -> SimpleNamespace:
-    return SimpleNamespace(status=status, error=error, profile=PROFILE)
+def fake_engine(
+    status: EngineStatus, error: str | None = None, exit_code: int | None = -9
+) -> SimpleNamespace:
+    """An engine whose core, once dead, exited with ``exit_code`` (-9: killed, a crash)."""
+    return SimpleNamespace(status=status, error=error, profile=PROFILE, exit_code=lambda: exit_code)
 
 
 # --- backoff ---------------------------------------------------------------------------------
@@ -133,6 +142,44 @@ def test_a_revival_that_fails_to_load_is_left_to_a_worker_restart(tmp_path: Path
         engine.status = EngineStatus.DEAD
         with pytest.raises(RuntimeError, match="no room"):
             await asyncio.wait_for(task, 5)
+
+    asyncio.run(run())
+
+
+def test_an_engine_core_that_exited_cleanly_is_a_stop_not_revived(tmp_path: Path) -> None:
+    engine = fake_engine(EngineStatus.READY, exit_code=0)  # SIGTERM: drained, exit code 0
+    revived: list[int] = []
+
+    async def revive() -> None:
+        revived.append(1)
+
+    async def run() -> None:
+        task = await _watch(engine, RestartBackoff(tmp_path / "restarts.json"), revive)
+        engine.status = EngineStatus.DEAD
+        with pytest.raises(EngineDown, match=r"died \(exit code 0\)"):
+            await asyncio.wait_for(task, 5)
+        assert revived == []
+
+    asyncio.run(run())
+
+
+def test_an_engine_that_keeps_dying_is_left_to_a_worker_restart(tmp_path: Path) -> None:
+    engine = fake_engine(EngineStatus.READY)
+    revived: list[int] = []
+
+    async def revive() -> None:
+        revived.append(1)
+        engine.status = EngineStatus.READY
+
+    async def run() -> None:
+        task = await _watch(engine, RestartBackoff(tmp_path / "restarts.json"), revive)
+        for _ in range(MAX_REVIVALS):
+            engine.status = EngineStatus.DEAD
+            await asyncio.sleep(0.1)
+        engine.status = EngineStatus.DEAD
+        with pytest.raises(EngineDown, match=r"died \(exit code -9\)"):
+            await asyncio.wait_for(task, 5)
+        assert len(revived) == MAX_REVIVALS
 
     asyncio.run(run())
 

@@ -47,7 +47,7 @@ def test_sampling_params_stream_deltas_or_return_the_final_output() -> None:
 
 
 def test_engine_methods_the_service_calls_exist() -> None:
-    for name in ("errored", "get_num_unfinished_requests", "generate", "get_tokenizer"):
+    for name in ("errored", "generate", "get_tokenizer", "shutdown"):
         assert hasattr(AsyncLLM, name), name
     model_config = inspect.signature(vllm.config.ModelConfig.get_diff_sampling_param)
     assert list(model_config.parameters) == ["self"]
