@@ -142,8 +142,8 @@ class SpecEngine:
         """Replace a dead engine with a new one in this process: :meth:`start` again.
 
         The new engine-core process loads vLLM's compile cache and skips the imports a new
-        worker would redo: ~25 s on 2 cores against ~60 s for a worker restart. Requests get
-        503 "engine is loading" meanwhile.
+        worker would redo: 26-42 s on 2 cores, against 42 s for a worker restart that loads
+        the cache (97 s when it recompiled). Requests get 503 "engine is loading" meanwhile.
         """
         dead, self._llm, self.error = self._llm, None, None
         if dead is not None:

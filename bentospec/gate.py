@@ -29,16 +29,24 @@ def unavailable(message: str) -> JSONResponse:
     return openai_error(503, "ServiceUnavailable", message)
 
 
-def engine_failed(engine: SpecEngine | None, exc: Exception) -> JSONResponse:
-    """The answer to a request the engine failed under: 503 naming the engine's state when it
-    died (the watchdog brings it back), else a JSON 500 with the cause."""
+def not_ready(engine: SpecEngine | None) -> JSONResponse | None:
+    """503 naming the state of an engine that cannot serve (``None``: not built yet, loading);
+    ``None`` once it serves."""
     try:
         if engine is None:
             raise EngineUnavailable("engine is loading")
         engine.require_ready()
-    except EngineUnavailable as dead:
-        return unavailable(str(dead))
-    return openai_error(500, "InternalServerError", f"{type(exc).__name__}: {exc}")
+    except EngineUnavailable as exc:
+        return unavailable(str(exc))
+    return None
+
+
+def engine_failed(engine: SpecEngine | None, exc: Exception) -> JSONResponse:
+    """The answer to a request the engine failed under: 503 naming the engine's state when it
+    died (the watchdog brings it back), else a JSON 500 with the cause."""
+    return not_ready(engine) or openai_error(
+        500, "InternalServerError", f"{type(exc).__name__}: {exc}"
+    )
 
 
 class EngineGateMiddleware:
@@ -53,14 +61,11 @@ class EngineGateMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            engine: SpecEngine = bentoml.get_current_service().engine
+            engine: SpecEngine | None = bentoml.get_current_service().engine
         except BentoMLException:  # raised only before the worker has built the service
-            await unavailable("engine is loading")(scope, receive, send)
-            return
-        try:
-            engine.require_ready()
-        except EngineUnavailable as exc:
-            await unavailable(str(exc))(scope, receive, send)
+            engine = None
+        if (refusal := not_ready(engine)) is not None:
+            await refusal(scope, receive, send)
             return
         replaced = False
 
@@ -68,13 +73,11 @@ class EngineGateMiddleware:
             nonlocal replaced
             if replaced:
                 return  # the failed response's body
-            if message["type"] == "http.response.start" and message["status"] >= 500:
-                try:
-                    engine.require_ready()
-                except EngineUnavailable as exc:
-                    replaced = True
-                    await unavailable(str(exc))(scope, receive, send)
-                    return
+            failed = message["type"] == "http.response.start" and message["status"] >= 500
+            if failed and (refusal := not_ready(engine)) is not None:
+                replaced = True
+                await refusal(scope, receive, send)
+                return
             await send(message)
 
         await self.app(scope, receive, send_or_replace)

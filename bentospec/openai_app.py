@@ -18,8 +18,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bentospec import vllm_api
-from bentospec.engine import EngineUnavailable, SpecEngine
-from bentospec.gate import engine_failed, openai_error, unavailable
+from bentospec.engine import SpecEngine
+from bentospec.gate import engine_failed, not_ready, openai_error, unavailable
 from bentospec.generation import RequestRejected, check_sampling
 
 CHAT_PATH = "/v1/chat/completions"
@@ -80,14 +80,11 @@ def build_openai_app() -> FastAPI:
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         engine: SpecEngine | None = request.app.state.bentospec_engine
-        try:
-            if engine is None:
-                raise EngineUnavailable("engine is loading")
-            engine.require_ready()
-            if not request.app.state.bentospec_attached:
-                raise EngineUnavailable("engine is loading")  # ready, serving layer not yet
-        except EngineUnavailable as exc:
-            return unavailable(str(exc))
+        if (refusal := not_ready(engine)) is not None:
+            return refusal
+        if not request.app.state.bentospec_attached:  # ready, serving layer not yet
+            return unavailable("engine is loading")
+        assert engine is not None  # not_ready answered for a missing one
         if request.method == "POST" and (refused := await _refused(request, engine)):
             return refused
         return await call_next(request)
