@@ -549,7 +549,14 @@ IN_FLIGHT = [
     ("/generate_full", {"prompt": COUNTING, "max_tokens": 1000, "temperature": 0}, False),
     (
         "/v1/spec_decode/completions",
-        {"query": COUNTING, "max_new_tokens": 1000, "temperature": 0, "streaming": True},
+        # OPEA's default repetition_penalty (1.03) stops the count after a few seconds.
+        {
+            "query": COUNTING,
+            "max_new_tokens": 1000,
+            "temperature": 0,
+            "repetition_penalty": 1.0,
+            "streaming": True,
+        },
         True,
     ),
 ]
@@ -578,7 +585,11 @@ def test_dead_engine_gives_503_then_a_new_engine_serves_in_the_same_worker(
             (streamed, pool.submit(client.post, route, json=body))
             for route, body, streamed in IN_FLIGHT
         ]
-        assert wait_for(lambda: in_flight(engine_gauges(client)) >= len(IN_FLIGHT), 60)
+        all_running = wait_for(lambda: in_flight(engine_gauges(client)) >= len(IN_FLIGHT), 60)
+        finished = [
+            route for (route, _, _), (_, f) in zip(IN_FLIGHT, running, strict=True) if f.done()
+        ]
+        assert all_running, f"not all in flight at once; finished already: {finished}"
         killed = time.monotonic()
         core.kill()
         cut = [(streamed, future.result()) for streamed, future in running]
