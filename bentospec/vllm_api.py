@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
     from fastapi import FastAPI
     from vllm import AsyncEngineArgs, RequestOutput, SamplingParams
     from vllm.config import VllmConfig
@@ -80,15 +82,26 @@ def engine_errored(llm: AsyncLLM) -> bool:
     return bool(llm.errored)
 
 
+def _engine_core_process(llm: AsyncLLM) -> BaseProcess | None:
+    manager = getattr(llm.engine_core.resources, "engine_manager", None)
+    processes = getattr(manager, "processes", None) or ()
+    return processes[0] if processes else None
+
+
 def engine_exit_code(llm: AsyncLLM) -> int | None:
     """The engine-core process's exit code; ``None`` while it runs (or if vLLM hides it).
 
     0: a requested stop (on SIGTERM the engine core drains, then exits 0). A crash is anything
     else: -9 (OOM kill, SIGKILL), -11 (segfault in a kernel), 1 (fatal error in the busy loop).
     """
-    manager = getattr(llm.engine_core.resources, "engine_manager", None)
-    processes = getattr(manager, "processes", None) or ()
-    return processes[0].exitcode if processes else None
+    process = _engine_core_process(llm)
+    return process.exitcode if process is not None else None
+
+
+def engine_core_pid(llm: AsyncLLM) -> int | None:
+    """The engine-core process's pid (``None`` if vLLM hides it)."""
+    process = _engine_core_process(llm)
+    return process.pid if process is not None else None
 
 
 def engine_failures() -> tuple[type[Exception], ...]:

@@ -385,9 +385,11 @@ def test_settings_command_reproduces_the_settings() -> None:
         rounds=4,
         peer=True,
         servers=True,
+        server_env={"gomp": {"BENTOSPEC_CPU_PRELOAD": "off"}, "two": {"A": "1", "B": "x=y"}},
         out="docs/bench",
     )
     args = build_parser().parse_args(shlex.split(settings.command())[1:])
+    assert dict(args.server_env) == settings.server_env
     assert args.profiles == settings.profiles
     assert args.categories == settings.categories
     assert (args.num_prompts, args.max_tokens, args.concurrency) == (5, 64, [1, 16])
@@ -405,6 +407,12 @@ def test_settings_command_reproduces_the_settings() -> None:
 def test_int_list_rejects_bad_levels(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="expected"):
         bench_cli.int_list(text)
+
+
+@pytest.mark.parametrize("text", ["", "label", "label:", ":A=1", "label:A", "label:=1"])
+def test_server_env_rejects_what_is_not_label_key_value(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="LABEL:KEY=VALUE"):
+        bench_cli.server_env(text)
 
 
 def test_workload_list() -> None:
@@ -439,6 +447,20 @@ def test_targets_of_each_mode() -> None:
         ("cpu-nospec", "service"),
         ("cpu", "service"),
         ("cpu", "vllm"),
+    ]
+    # One server per profile and environment label; speedups pair within a label.
+    variants = BenchSettings(
+        profiles=["cpu-nospec", "cpu"],
+        servers=True,
+        server_env={"gomp": {"BENTOSPEC_CPU_PRELOAD": "off"}, "iomp": {}},
+    )
+    assert [
+        (t.config.config, t.config.variant, t.setup["env"]) for t in runner.bench_targets(variants)
+    ] == [
+        ("cpu-nospec", "gomp", {"BENTOSPEC_CPU_PRELOAD": "off"}),
+        ("cpu", "gomp", {"BENTOSPEC_CPU_PRELOAD": "off"}),
+        ("cpu-nospec", "iomp", {}),
+        ("cpu", "iomp", {}),
     ]
     (target,) = [
         t for t in runner.bench_targets(BenchSettings(peer=True)) if t.config.via == "vllm"

@@ -107,7 +107,9 @@ def test_bento_builds_for_profile(
     profile: str, engine: str, resources: dict, bento: Callable[[str], Path]
 ) -> None:
     path = bento(profile)
-    assert (path / "env" / "docker" / "Dockerfile").is_file()
+    dockerfile = (path / "env" / "docker" / "Dockerfile").read_text()
+    # tcmalloc for the CPU engine core (bentospec/cpu_runtime.py preloads it); GPUs need none.
+    assert ("libtcmalloc-minimal4" in dockerfile) == (profile == "cpu")
     requirements = (path / "env" / "python" / "requirements.txt").read_text()
     name, version = engine.split("==")
     assert read_lock(requirements)[name].version == version

@@ -31,6 +31,13 @@ def test_engine_is_ready(cpu_engine: SpecEngine) -> None:
     assert cpu_engine.exit_code() is None  # vLLM's engine-core process, still running
 
 
+def test_engine_core_runs_vllms_prescribed_cpu_runtime(cpu_engine: SpecEngine) -> None:
+    """Intel OpenMP and tcmalloc, read back from the engine-core process's memory maps."""
+    runtime = cpu_engine.runtime
+    assert runtime is not None and runtime.openmp == "libiomp5.so", runtime
+    assert runtime.allocator.startswith("libtcmalloc_minimal.so.4"), runtime
+
+
 def test_generation_defaults_are_read_once_at_start(
     cpu_engine: SpecEngine, loop: LoopThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:

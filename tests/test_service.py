@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import time
 
@@ -34,6 +35,16 @@ def test_readyz_was_503_while_livez_answered_then_200(server: ServerProcess) -> 
 
 
 @pytest.mark.server
+def test_log_names_the_engine_cores_openmp_and_allocator(server: ServerProcess) -> None:
+    """``bentoml serve`` preloads vLLM's prescribed CPU runtime, and its log says so."""
+    log = server.log_path.read_text(errors="replace")
+    assert re.search(r"runs with OpenMP libiomp5\.so and allocator libtcmalloc_minimal", log), log[
+        -3000:
+    ]
+    # vLLM's CPU worker warnings ("libiomp is not found in LD_PRELOAD", ...) are gone.
+    assert "not found in LD_PRELOAD" not in log and "without Intel OpenMP" not in log
+
+
 def test_sync_client_streams_and_completes(server: ServerProcess) -> None:
     with bentoml.SyncHTTPClient(server.url, timeout=120) as client:
         chunks = list(client.generate(prompt=QUESTION, max_tokens=24, temperature=0))

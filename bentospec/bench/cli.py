@@ -72,6 +72,15 @@ def add_load_arguments(
     )
 
 
+def server_env(text: str) -> tuple[str, dict[str, str]]:
+    """``LABEL:KEY=VALUE[,KEY=VALUE]`` as (label, environment)."""
+    label, _, pairs = text.partition(":")
+    items = [pair.partition("=") for pair in pairs.split(",") if pair]
+    if not label or not items or any(not key or not sep for key, sep, _ in items):
+        raise argparse.ArgumentTypeError(f"expected LABEL:KEY=VALUE[,KEY=VALUE], got {text!r}")
+    return label, {key: value for key, _, value in items}
+
+
 def load_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The :class:`BenchSettings` fields of the options :func:`add_load_arguments` added (and
     ``--prompts``), but ``rounds``, which tune sets per phase."""
@@ -126,6 +135,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "measured interleaved; with --peer, vLLM's own server too",
     )
     parser.add_argument(
+        "--server-env",
+        type=server_env,
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+        help="with --servers: start every server once per label with that environment, "
+        "e.g. gomp:BENTOSPEC_CPU_PRELOAD=off; repeatable (speedups pair within a label)",
+    )
+    parser.add_argument(
         "--url",
         help="measure the running service at this URL (serving the first --profile) "
         "instead of in-process engines, or instead of starting one with --peer",
@@ -169,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
             servers=args.servers,
             compare_service=args.compare_service,
             url=args.url,
+            server_env=dict(args.server_env),
             out=str(out),
         )
         cases = selected_cases(args)

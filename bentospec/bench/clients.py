@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
 import httpx
@@ -21,6 +21,7 @@ from bentospec.auth import API_KEY_ENV
 from bentospec.bench.results import Workload
 from bentospec.bench.servers import Server
 from bentospec.bench.stats import GENERATION_TOKENS, Counters, RequestRecord, record_from_chunks
+from bentospec.cpu_runtime import LoadedRuntime, engine_core_environment
 from bentospec.engine import SpecEngine
 from bentospec.generation import stream_outputs
 from bentospec.metrics import engine_samples, prometheus_samples
@@ -33,6 +34,9 @@ SERVER_START_TIMEOUT_S = 1800
 
 class Client(Protocol):
     """One way to send requests to a config."""
+
+    #: The OpenMP library and allocator of the config's engine core, where it can be read.
+    runtime: LoadedRuntime | None
 
     async def request(
         self, prompt_index: int, prompt: str, max_tokens: int, workload: Workload
@@ -57,6 +61,7 @@ class EngineClient:
 
     def __init__(self, engine: SpecEngine) -> None:
         self._engine = engine
+        self.runtime = engine.runtime
 
     async def request(
         self, prompt_index: int, prompt: str, max_tokens: int, workload: Workload
@@ -78,9 +83,12 @@ class OpenAIClient:
     """Streaming ``/v1/completions`` with the token ids of every chunk; counters from
     ``/metrics``. The same client for this service and for ``vllm serve``."""
 
-    def __init__(self, http: httpx.AsyncClient, model: str) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, model: str, runtime: LoadedRuntime | None = None
+    ) -> None:
         self._http = http
         self._model = model
+        self.runtime = runtime
 
     async def request(
         self, prompt_index: int, prompt: str, max_tokens: int, workload: Workload
@@ -134,27 +142,11 @@ class OpenAIClient:
         return Counters.from_samples(samples)
 
 
-@contextlib.contextmanager
-def environment(changes: Mapping[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``changes`` while an engine core process is spawned (it inherits the
-    environment: vLLM's CPU thread binding is read there), restored afterwards."""
-    saved = {key: os.environ.get(key) for key in changes}
-    os.environ.update(changes)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 @contextlib.asynccontextmanager
 async def open_engine(profile: Profile, env: Mapping[str, str]) -> AsyncIterator[EngineClient]:
     engine = SpecEngine(profile)
     try:
-        with environment(env):
+        with engine_core_environment(env):
             await engine.start()
         yield EngineClient(engine)
     finally:
@@ -162,14 +154,16 @@ async def open_engine(profile: Profile, env: Mapping[str, str]) -> AsyncIterator
 
 
 @contextlib.asynccontextmanager
-async def open_openai(url: str, model: str) -> AsyncIterator[OpenAIClient]:
+async def open_openai(
+    url: str, model: str, runtime: LoadedRuntime | None = None
+) -> AsyncIterator[OpenAIClient]:
     key = os.environ.get(API_KEY_ENV)
     async with httpx.AsyncClient(
         base_url=url,
         headers={"Authorization": f"Bearer {key}"} if key else None,
         timeout=httpx.Timeout(600, connect=10),
     ) as http:
-        yield OpenAIClient(http, model)
+        yield OpenAIClient(http, model, runtime)
 
 
 @contextlib.asynccontextmanager
@@ -178,7 +172,8 @@ async def open_server(start: Callable[[], Server], model: str) -> AsyncIterator[
     server = await asyncio.to_thread(start)
     try:
         await asyncio.to_thread(server.wait_ready, SERVER_START_TIMEOUT_S)
-        async with open_openai(server.url, model) as client:
+        runtime = await asyncio.to_thread(server.engine_core_runtime)
+        async with open_openai(server.url, model, runtime) as client:
             yield client
     finally:
         await asyncio.to_thread(server.stop)

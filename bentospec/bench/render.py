@@ -126,6 +126,18 @@ def ratios_table(ratios: Sequence[ViaRatio]) -> str:
     )
 
 
+def _runtimes(rows: Sequence[BenchRow]) -> list[str]:
+    """One line naming each config's engine-core OpenMP library and allocator, if known."""
+    seen = {
+        f"{r.label} via {r.via}": f"{r.runtime.openmp or 'no OpenMP'} + {r.runtime.allocator}"
+        for r in rows
+        if r.runtime is not None
+    }
+    if not seen:
+        return []
+    return ["Engine-core runtime: " + "; ".join(f"{k}: {v}" for k, v in seen.items()) + "."]
+
+
 def _load(values: tuple[float, float, float]) -> str:
     return " / ".join(f"{v:.2f}" for v in values)
 
@@ -152,6 +164,7 @@ def render_markdown(report: BenchReport) -> str:
         f"{report.started_at:%Y-%m-%d %H:%M}-{report.finished_at:%H:%M} UTC"
         + (f", environment {prov.env}" if prov.env else "")
         + ".",
+        *_runtimes(report.rows),
         f"Reproduce: `{settings.command()}`",
         "Results (median over rounds, range in brackets):",
         stats_table(report.stats),

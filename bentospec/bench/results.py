@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, computed_field
 
 from bentospec.bench.stats import Spread, percentile
+from bentospec.cpu_runtime import LoadedRuntime
 from bentospec.metrics import SpecCounters
 from bentospec.profile import MODEL_FREE_METHODS, SpeculativeSpec
 
@@ -84,6 +85,8 @@ class BenchRow(ConfigId):
     spec: SpecCounters
     #: 1-minute load average when the level ended: the machine's other work.
     load_avg: float
+    #: OpenMP library and allocator of the engine core, where the bench could read them.
+    runtime: LoadedRuntime | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -298,6 +301,7 @@ def summarize_level(
     counter_tokens: int,
     spec: SpecCounters,
     load_avg: float,
+    runtime: LoadedRuntime | None = None,
 ) -> BenchRow:
     """One level's request records (:class:`~bentospec.bench.stats.RequestRecord`) as a row."""
     ttft = [r.ttft_s * 1000 for r in records]
@@ -317,6 +321,7 @@ def summarize_level(
         itl_ms_p95=percentile(itl, 95),
         spec=spec,
         load_avg=load_avg,
+        runtime=runtime,
     )
 
 
@@ -356,6 +361,9 @@ class BenchSettings(BaseModel):
     compare_service: bool = False
     #: A running service to measure (serving the first profile) instead of in-process engines.
     url: str | None = None
+    #: With ``servers``: label -> environment; every server is started once per label with
+    #: that environment (e.g. ``BENTOSPEC_CPU_PRELOAD=off``), and speedups pair within a label.
+    server_env: dict[str, dict[str, str]] = {}
     out: str = "bench-results"
 
     def command(self) -> str:
@@ -375,6 +383,8 @@ class BenchSettings(BaseModel):
         args += ["--peer"] if self.peer else []
         args += ["--servers"] if self.servers else []
         args += ["--compare-service"] if self.compare_service else []
+        for label, env in self.server_env.items():
+            args += ["--server-env", f"{label}:" + ",".join(f"{k}={v}" for k, v in env.items())]
         return shlex.join([*args, "--out", self.out])
 
 

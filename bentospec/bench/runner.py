@@ -115,27 +115,39 @@ def engine_target(profile: Profile, variant: EngineVariant = DEFAULT_VARIANT) ->
     )
 
 
-def service_target(profile: Profile, url: str | None = None) -> Target:
+def service_target(
+    profile: Profile, url: str | None = None, variant: EngineVariant = DEFAULT_VARIANT
+) -> Target:
     """``profile`` through this service's OpenAI API: the one at ``url``, else one started
-    for each round."""
+    for each round (with ``variant``'s environment)."""
     opener = (
         functools.partial(open_openai, url, profile.served_model_name)
         if url
         else functools.partial(
-            open_server, functools.partial(ServerProcess, profile.name), profile.served_model_name
+            open_server,
+            functools.partial(ServerProcess, profile.name, variant.env),
+            profile.served_model_name,
         )
     )
-    setup = {"engine_args": engine_kwargs(profile), "url": url or "bentoml serve"}
-    return Target(config_id(profile, "service"), setup, opener)
+    setup = {
+        "engine_args": engine_kwargs(profile),
+        "url": url or "bentoml serve",
+        "env": variant.env,
+    }
+    return Target(config_id(profile, "service", variant.name), setup, opener)
 
 
-def vllm_target(profile: Profile) -> Target:
+def vllm_target(profile: Profile, variant: EngineVariant = DEFAULT_VARIANT) -> Target:
     """vLLM's own OpenAI server with ``profile``'s engine arguments: the peer."""
     opener = functools.partial(
-        open_server, functools.partial(VllmServer, profile), profile.served_model_name
+        open_server, functools.partial(VllmServer, profile, variant.env), profile.served_model_name
     )
-    setup = {"engine_args": engine_kwargs(profile), "server": "vllm.entrypoints.openai.api_server"}
-    return Target(config_id(profile, "vllm"), setup, opener)
+    setup = {
+        "engine_args": engine_kwargs(profile),
+        "server": "vllm.entrypoints.openai.api_server",
+        "env": variant.env,
+    }
+    return Target(config_id(profile, "vllm", variant.name), setup, opener)
 
 
 def bench_targets(settings: BenchSettings) -> list[Target]:
@@ -143,8 +155,17 @@ def bench_targets(settings: BenchSettings) -> list[Target]:
     profiles = [load_profile(name) for name in settings.profiles]
     first = next((p for p in profiles if p.speculative is not None), profiles[0])
     if settings.servers:
-        targets = [service_target(p) for p in profiles]
-        return [*targets, vllm_target(first)] if settings.peer else targets
+        variants = [
+            EngineVariant(name=label, env=env) for label, env in settings.server_env.items()
+        ] or [DEFAULT_VARIANT]
+        return [
+            target
+            for v in variants
+            for target in [
+                *(service_target(p, variant=v) for p in profiles),
+                *([vllm_target(first, v)] if settings.peer else []),
+            ]
+        ]
     if settings.peer:
         return [service_target(first, settings.url), vllm_target(first)]
     targets = (
@@ -262,6 +283,7 @@ async def _measure_open(
                     delta.generation_tokens,
                     delta.spec,
                     os.getloadavg()[0],
+                    client.runtime,
                 )
             )
             before = after

@@ -23,6 +23,7 @@ from typing import Any, Self
 
 import httpx
 
+from bentospec.cpu_runtime import LoadedRuntime, loaded_runtime, preload_environment
 from bentospec.engine_args import engine_kwargs
 from bentospec.model_store import resolve_model
 from bentospec.profile import Profile
@@ -84,6 +85,17 @@ class Server:
             f"server not ready in {timeout:.0f}s; log {self.log_path}:\n"
             + self.log_path.read_text(errors="replace")[-4000:]
         )
+
+    def engine_core_runtime(self) -> LoadedRuntime | None:
+        """The OpenMP library and allocator of the server's engine-core process (named
+        ``VLLM::EngineCore`` by vLLM), or ``None`` if there is none to read."""
+        import psutil  # a dependency of vLLM
+
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                    return loaded_runtime(child.pid)
+        return None
 
     def stop(self) -> None:
         """Stop the server and every process it started: an engine core whose server is
@@ -180,6 +192,9 @@ class VllmServer(Server):
             *("--host", "127.0.0.1", "--port", str(port)),
             *vllm_cli_args(kwargs),
         ]
+        # As vLLM's CPU install guide runs it: LD_PRELOAD for the whole command.
+        environ = {**os.environ, **(env or {})}
+        preload = preload_environment(environ) if profile.hardware.accelerator == "cpu" else {}
         super().__init__(
-            command, port, log_dir / f"vllm-{profile.name}-{port}.log", {**(env or {})}
+            command, port, log_dir / f"vllm-{profile.name}-{port}.log", {**(env or {}), **preload}
         )

