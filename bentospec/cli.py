@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from bentospec.cpu_host import detect_cpu_host
 from bentospec.engine_args import engine_kwargs
 from bentospec.model_store import resolve_model
 from bentospec.profile import ProfileError, list_profiles, load_profile
@@ -58,7 +59,23 @@ def _profiles_list(_: argparse.Namespace) -> int:
 
 def _profiles_show(args: argparse.Namespace) -> int:
     profile = load_profile(args.name)
-    print(json.dumps(engine_kwargs(profile), indent=2, sort_keys=True))
+    kwargs = engine_kwargs(profile)
+    if profile.hardware.accelerator == "cpu":
+        # What this host resolved, on stderr so that stdout stays the engine arguments' JSON.
+        host, spec = detect_cpu_host(), profile.speculative
+        schedule = (
+            "none"
+            if spec is None
+            else f"host_schedules.{host.host_class}"
+            if host.host_class in (spec.host_schedules or {})
+            else "the default"
+        )
+        print(
+            f"# this CPU: {host.model}, class {host.host_class}: dtype {kwargs['dtype']}, "
+            f"speculation schedule {schedule}",
+            file=sys.stderr,
+        )
+    print(json.dumps(kwargs, indent=2, sort_keys=True))
     return 0
 
 

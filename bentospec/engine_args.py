@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from bentospec import hardware, vllm_api
 from bentospec.adaptive import CONFIG_KEY, PROPOSER_CLASS, AdaptiveSettings
+from bentospec.cpu_host import HostClass, detect_cpu_host
 from bentospec.profile import Profile, SpeculativeSpec
 
 if TYPE_CHECKING:
@@ -18,9 +19,10 @@ if TYPE_CHECKING:
 
 
 def speculative_config(
-    spec: SpeculativeSpec | None, draft_model: str | None
+    spec: SpeculativeSpec | None, draft_model: str | None, host_class: HostClass | None = None
 ) -> dict[str, Any] | None:
-    """vLLM's ``speculative_config`` dict; ``draft_model`` is the resolved draft location."""
+    """vLLM's ``speculative_config`` dict; ``draft_model`` is the resolved draft location and
+    ``host_class`` the CPU's class, which picks the batch-size schedule (``None``: a GPU)."""
     if spec is None:
         return None
     if spec.method == "adaptive-ngram":
@@ -30,15 +32,17 @@ def speculative_config(
             "model": PROPOSER_CLASS,
             "num_speculative_tokens": spec.num_speculative_tokens,
         }
-    config = spec.model_dump(exclude_none=True, exclude_defaults=True, exclude={"model"})
+    config = spec.model_dump(
+        exclude_none=True,
+        exclude_defaults=True,
+        exclude={"model", "host_schedules", "num_speculative_tokens_per_batch_size"},
+    )
     config["method"] = spec.method
     config["num_speculative_tokens"] = spec.num_speculative_tokens
     if spec.model is not None:
         config["model"] = draft_model or spec.model
-    if spec.num_speculative_tokens_per_batch_size is not None:
-        config["num_speculative_tokens_per_batch_size"] = [
-            list(step) for step in spec.num_speculative_tokens_per_batch_size
-        ]
+    if (schedule := spec.schedule_for(host_class)) is not None:
+        config["num_speculative_tokens_per_batch_size"] = [list(step) for step in schedule]
     return config
 
 
@@ -76,7 +80,10 @@ def engine_kwargs(
     if profile.openai.reasoning_parser is not None:
         # As `vllm serve --reasoning-parser`: structured output starts after the thinking.
         kwargs["reasoning_parser"] = profile.openai.reasoning_parser
-    spec = speculative_config(profile.speculative, draft_model)
+    cpu = profile.hardware.accelerator == "cpu"
+    spec = speculative_config(
+        profile.speculative, draft_model, detect_cpu_host().host_class if cpu else None
+    )
     if spec is not None:
         kwargs["speculative_config"] = spec
     if profile.speculative is not None and profile.speculative.step_cost is not None:

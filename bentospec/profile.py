@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bentospec.cpu_host import HostClass
+
 #: Where the profile catalogue lives; ``BENTOSPEC_CONFIG_DIR`` overrides it (tests, custom
 #: catalogues).
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -119,6 +121,10 @@ class SpeculativeSpec(_Strict):
     draft_tensor_parallel_size: Annotated[int, Field(ge=1)] | None = None
     #: Speculate fewer (or zero) tokens as the batch grows, where verification stops paying.
     num_speculative_tokens_per_batch_size: tuple[BatchSizeStep, ...] | None = None
+    #: CPU profiles: a ``num_speculative_tokens_per_batch_size`` per host class
+    #: (:mod:`bentospec.cpu_host`), taken at start for the class found, since what a verify
+    #: step costs depends on the class. A class not listed runs the schedule above.
+    host_schedules: dict[HostClass, tuple[BatchSizeStep, ...]] | None = None
     use_heterogeneous_vocab: bool = False
     #: ``adaptive-ngram`` only (required there): measured time of one engine step by the number
     #: of tokens it verifies across the batch, as (tokens, ms) points with rising tokens. The
@@ -159,12 +165,19 @@ class SpeculativeSpec(_Strict):
         self._check_schedule()
         return self
 
+    def schedule_for(self, host_class: HostClass | None) -> tuple[BatchSizeStep, ...] | None:
+        """The batch-size schedule on a CPU of ``host_class`` (``None``: not a CPU host)."""
+        by_class = self.host_schedules or {}
+        if host_class in by_class:
+            return by_class[host_class]
+        return self.num_speculative_tokens_per_batch_size
+
     def _check_step_cost(self) -> None:
         if (self.method == "adaptive-ngram") != (self.step_cost is not None):
             raise ValueError("step_cost is required by method 'adaptive-ngram' and only used there")
         if self.step_cost is None:
             return
-        if self.num_speculative_tokens_per_batch_size is not None:
+        if self.num_speculative_tokens_per_batch_size is not None or self.host_schedules:
             raise ValueError(
                 "method 'adaptive-ngram' chooses k per request: "
                 "remove num_speculative_tokens_per_batch_size"
@@ -180,21 +193,25 @@ class SpeculativeSpec(_Strict):
                 )
 
     def _check_schedule(self) -> None:
-        steps = self.num_speculative_tokens_per_batch_size
-        if not steps:
-            return
+        schedules = {
+            "num_speculative_tokens_per_batch_size": self.num_speculative_tokens_per_batch_size,
+            **{f"host_schedules.{c}": s for c, s in (self.host_schedules or {}).items()},
+        }
+        for key, steps in schedules.items():
+            self._check_steps(key, steps or ())
+
+    def _check_steps(self, key: str, steps: tuple[BatchSizeStep, ...]) -> None:
         expected_start = 1
         for start, end, k in steps:
             if start != expected_start or end < start:
                 raise ValueError(
-                    "num_speculative_tokens_per_batch_size must cover batch sizes from 1 upward "
-                    f"without gaps or overlaps; got range [{start}, {end}] "
-                    f"where [{expected_start}, ...] was expected"
+                    f"{key} must cover batch sizes from 1 upward without gaps or overlaps; got "
+                    f"range [{start}, {end}] where [{expected_start}, ...] was expected"
                 )
             if k > self.num_speculative_tokens:
                 raise ValueError(
-                    f"num_speculative_tokens_per_batch_size asks for {k} tokens at batch "
-                    f"{start}-{end}, more than num_speculative_tokens={self.num_speculative_tokens}"
+                    f"{key} asks for {k} tokens at batch {start}-{end}, more than "
+                    f"num_speculative_tokens={self.num_speculative_tokens}"
                 )
             expected_start = end + 1
 
@@ -282,6 +299,19 @@ class Profile(_Strict):
     serving: ServingSpec = ServingSpec()
     #: Tool calling, reasoning and chat template of the OpenAI routes.
     openai: OpenAISpec = OpenAISpec()
+
+    @model_validator(mode="after")
+    def _host_schedules_on_cpu_only(self) -> Self:
+        if (
+            self.hardware.accelerator != "cpu"
+            and self.speculative
+            and self.speculative.host_schedules
+        ):
+            raise ValueError(
+                "speculative.host_schedules are chosen by CPU class: a cuda profile sets "
+                "num_speculative_tokens_per_batch_size"
+            )
+        return self
 
     @property
     def served_model_name(self) -> str:

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from bentospec.bench.render import describe, markdown_table, stats_table
 from bentospec.bench.results import NO_SPEC, BenchReport, BenchRow, paired_speedups
 from bentospec.bench.runner import EngineVariant, Target, engine_target, plan
+from bentospec.cpu_host import HostClass
 from bentospec.dataset import PromptCase
 from bentospec.profile import (
     BatchSizeStep,
@@ -37,7 +38,7 @@ DEFAULT_K = (2, 3, 5, 7)
 DEFAULT_WINDOWS = ((1, 3), (2, 5))
 DEFAULT_CONCURRENCY = (1, 4, 16)
 #: Fields that vary within one family of candidates (same method, draft and window).
-_K_FIELDS = {"num_speculative_tokens", "num_speculative_tokens_per_batch_size"}
+_K_FIELDS = {"num_speculative_tokens", "num_speculative_tokens_per_batch_size", "host_schedules"}
 #: Name of the tuned profile in the validation rounds.
 TUNED = "tuned"
 
@@ -178,6 +179,46 @@ def choose(rows: Sequence[BenchRow], max_num_seqs: int, workload: str = "greedy"
         raise ValueError("no speculative measurement has a no-speculation baseline to compare")
     options = [_family_choice(spec, best, max_num_seqs) for spec, best in families.values()]
     return max(options, key=lambda option: option.expected_speedup)
+
+
+def for_host_class(
+    current: SpeculativeSpec | None,
+    chosen: SpeculativeSpec | None,
+    host_class: HostClass,
+    max_num_seqs: int,
+) -> SpeculativeSpec | None:
+    """``chosen`` (measured on a CPU of ``host_class``) as that class's schedule, the profile's
+    other classes keeping what they ran.
+
+    A verify step costs differently per CPU class, so a schedule measured on one class is
+    written as ``host_schedules[host_class]``. Where ``chosen`` is another family (method,
+    window, draft) than ``current``, or there is no ``current``, it replaces it for every class:
+    vLLM runs one proposer. Where no candidate paid here, this class gets k=0 at every size.
+    """
+
+    def family(spec: SpeculativeSpec) -> dict[str, object]:
+        return spec.model_dump(exclude=_K_FIELDS)
+
+    if current is None or (chosen is not None and family(chosen) != family(current)):
+        return chosen
+    if chosen is None:
+        schedule, k = ((1, max_num_seqs, 0),), current.num_speculative_tokens
+    else:
+        schedule = chosen.num_speculative_tokens_per_batch_size or (
+            (1, max_num_seqs, chosen.num_speculative_tokens),
+        )
+        k = max(current.num_speculative_tokens, chosen.num_speculative_tokens)
+    # The other classes keep their k: a raised maximum is pinned for them by the default.
+    default = current.num_speculative_tokens_per_batch_size
+    if default is None and k > current.num_speculative_tokens:
+        default = ((1, max_num_seqs, current.num_speculative_tokens),)
+    return current.model_copy(
+        update={
+            "num_speculative_tokens": k,
+            "num_speculative_tokens_per_batch_size": default,
+            "host_schedules": {**(current.host_schedules or {}), host_class: schedule},
+        }
+    )
 
 
 def variants(batched_tokens: Sequence[int], binds: Sequence[str]) -> list[EngineVariant]:

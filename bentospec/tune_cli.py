@@ -17,6 +17,7 @@ from bentospec.bench import cli as bench_cli
 from bentospec.bench.render import describe
 from bentospec.bench.results import BenchSettings
 from bentospec.bench.runner import engine_target, plan, run_targets
+from bentospec.cpu_host import detect_cpu_host
 from bentospec.profile import load_profile, profile_path, profile_yaml
 from bentospec.tune import (
     DEFAULT_CONCURRENCY,
@@ -25,6 +26,7 @@ from bentospec.tune import (
     TUNED,
     TuneReport,
     choose,
+    for_host_class,
     render,
     split_cases,
     tuning_targets,
@@ -156,7 +158,13 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     choice = choose(tuning.rows, profile.engine.max_num_seqs, workload)
-    tuned = profile.with_speculative(choice.speculative).model_copy(
+    speculative = choice.speculative
+    if profile.hardware.accelerator == "cpu":
+        host = detect_cpu_host()
+        speculative = for_host_class(
+            profile.speculative, speculative, host.host_class, profile.engine.max_num_seqs
+        )
+    tuned = profile.with_speculative(speculative).model_copy(
         update={
             "name": out.stem,
             "description": f"{profile.description}; tuned by bentospec tune: "

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bentospec.bench import checks, render, results, runner, stats
 from bentospec.bench import cli as bench_cli
-from bentospec.bench import render, results, runner, stats
 from bentospec.bench.clients import OpenAIClient
 from bentospec.bench.results import (
     NO_SPEC,
@@ -156,8 +156,10 @@ def test_counters_sum_engines_and_subtract() -> None:
 def test_summarize_level_counts_tokens_from_the_responses() -> None:
     config = ConfigId(config="cpu", via="engine", model="m", speculative=NGRAM)
     records = [
-        RequestRecord(prompt=0, tokens=4, digest="a", ttft_s=0.1, itl_s=[0.01, 0.03]),
-        RequestRecord(prompt=1, tokens=2, digest="b", ttft_s=0.3, itl_s=[0.02]),
+        RequestRecord(
+            prompt=0, tokens=4, digest="a", token_ids=[1, 2, 3, 4], ttft_s=0.1, itl_s=[0.01, 0.03]
+        ),
+        RequestRecord(prompt=1, tokens=2, digest="b", token_ids=[5, 6], ttft_s=0.3, itl_s=[0.02]),
     ]
     spec = SpecCounters(drafts=4, draft_tokens=12, accepted_tokens=6)
     row = results.summarize_level(config, "greedy", 2, 4, records, 2.0, 7, spec, 1.5)
@@ -170,7 +172,10 @@ def test_summarize_level_counts_tokens_from_the_responses() -> None:
     )
     assert (row.output_tokens, row.counter_tokens) == (6, 7)
     assert row.tokens_per_s == pytest.approx(3.0)
-    assert [(r.prompt, r.tokens, r.digest) for r in row.requests] == [(0, 4, "a"), (1, 2, "b")]
+    assert [(r.prompt, r.tokens, r.digest, r.token_ids) for r in row.requests] == [
+        (0, 4, "a", [1, 2, 3, 4]),
+        (1, 2, "b", [5, 6]),
+    ]
     assert row.ttft_ms_p50 == pytest.approx(200)
     assert row.ttft_ms_p95 == pytest.approx(290)
     assert row.itl_ms_p50 == pytest.approx(20)
@@ -251,7 +256,7 @@ def test_token_checks_pass_when_greedy_configs_agree() -> None:
         make_row(NO_SPEC, 1, 50.0, speculative=None, workload="sampling", tokens=(10, 20)),
         make_row("cpu", 1, 100.0, workload="sampling", tokens=(30, 20)),
     ]
-    assert results.token_problems(rows) == []
+    assert checks.token_problems(rows) == []
 
 
 def test_token_checks_fail_greedy_configs_with_different_totals() -> None:
@@ -261,7 +266,7 @@ def test_token_checks_fail_greedy_configs_with_different_totals() -> None:
         make_row(NO_SPEC, 4, 50.0, speculative=None),
         make_row("cpu", 4, 100.0),
     ]
-    (problem,) = results.token_problems(rows)
+    (problem,) = checks.token_problems(rows)
     assert "concurrency 1, round 1" in problem
     assert "{'no-spec via engine': 1000, 'cpu via engine': 1031}" in problem
     assert "prompts that differ: [1]" in problem
@@ -269,7 +274,7 @@ def test_token_checks_fail_greedy_configs_with_different_totals() -> None:
 
 def test_token_checks_fail_counts_the_counter_disagrees_with() -> None:
     row = make_row("cpu", 1).model_copy(update={"counter_tokens": 1037})
-    (problem,) = results.token_problems([row])
+    (problem,) = checks.token_problems([row])
     assert "responses carried 1000 tokens, the engine counted 1037" in problem
 
 
@@ -640,6 +645,12 @@ def test_bench_in_process_rounds_greedy_and_sampling(tmp_path: Path) -> None:
     assert (
         report.configs["cpu via engine"]["engine_args"]["speculative_config"]["method"] == "ngram"
     )
+    # The host class, dtype and engine-core runtime the figures depend on, in both files.
+    cpu, dtype = report.provenance.cpu, report.dtypes["cpu via engine"]
+    assert cpu is not None and dtype in ("float32", "auto")  # auto: vLLM's bf16 (AVX-512, AMX)
+    markdown = (tmp_path / "results.md").read_text()
+    assert f"CPU: {cpu.model}, class {cpu.host_class}; dtype {dtype}." in markdown
+    assert all(r.runtime is not None and r.runtime.openmp for r in report.rows)
 
 
 @pytest.mark.server

@@ -6,6 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from bentospec.bench.checks import GreedyAgreement
 from bentospec.bench.results import (
     SPEEDUP_TARGETS,
     WORKLOADS,
@@ -22,15 +23,18 @@ DOC_START, DOC_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def describe(spec: SpeculativeSpec | None) -> str:
-    """A speculative config in one cell: method, k, lookup window, batch-size schedule."""
+    """A speculative config in one cell: method, k, lookup window, batch-size schedules (the
+    default one, then each host class's)."""
     if spec is None:
         return "none"
     text = f"{spec.method} k={spec.num_speculative_tokens}"
     if spec.prompt_lookup_max is not None:
         text += f" n={spec.prompt_lookup_min or 1}..{spec.prompt_lookup_max}"
-    if spec.num_speculative_tokens_per_batch_size:
-        steps = ", ".join(f"{a}-{b}:{k}" for a, b, k in spec.num_speculative_tokens_per_batch_size)
-        text += f" (batch {steps})"
+    schedules = {"": spec.num_speculative_tokens_per_batch_size, **(spec.host_schedules or {})}
+    for host_class, schedule in schedules.items():
+        if schedule:
+            steps = ", ".join(f"{a}-{b}:{k}" for a, b, k in schedule)
+            text += f" ({host_class + ': ' if host_class else ''}batch {steps})"
     return text
 
 
@@ -138,6 +142,17 @@ def _runtimes(rows: Sequence[BenchRow]) -> list[str]:
     return ["Engine-core runtime: " + "; ".join(f"{k}: {v}" for k, v in seen.items()) + "."]
 
 
+def _host(report: BenchReport) -> list[str]:
+    """The CPU, its class and the dtype each config's engine ran (one line)."""
+    cpu = report.provenance.cpu
+    if cpu is None:
+        return []
+    dtypes = sorted(
+        {str(setup.get("engine_args", {}).get("dtype")) for setup in report.configs.values()}
+    )
+    return [f"CPU: {cpu.model}, class {cpu.host_class}; dtype {' / '.join(dtypes)}."]
+
+
 def _load(values: tuple[float, float, float]) -> str:
     return " / ".join(f"{v:.2f}" for v in values)
 
@@ -164,6 +179,7 @@ def render_markdown(report: BenchReport) -> str:
         f"{report.started_at:%Y-%m-%d %H:%M}-{report.finished_at:%H:%M} UTC"
         + (f", environment {prov.env}" if prov.env else "")
         + ".",
+        *_host(report),
         *_runtimes(report.rows),
         f"Reproduce: `{settings.command()}`",
         "Results (median over rounds, range in brackets):",
@@ -189,13 +205,37 @@ def render_markdown(report: BenchReport) -> str:
                 text_columns=2,
             ),
         ]
+    if report.agreement:
+        parts += [
+            "Greedy outputs against no speculation where the dtype is not float32 (a row's "
+            "logits there depend on the rows batched with it, so a near-tie may flip; "
+            "reported, not failed):",
+            agreement_table(report.agreement),
+        ]
+    exact = "greedy float32 configs" if report.agreement else "greedy configs"
     parts.append(
         "Checks: **FAILED**\n\n" + "\n".join(f"- {p}" for p in report.problems)
         if report.problems
-        else "Checks: every response's token count matched the engine counter; greedy configs "
+        else f"Checks: every response's token count matched the engine counter; {exact} "
         "generated the same token totals for the same requests."
     )
     return "\n\n".join(parts) + "\n"
+
+
+def agreement_table(rows: Sequence[GreedyAgreement]) -> str:
+    return markdown_table(
+        ["config", "concurrency", "round", "identical outputs", "first divergence p50"],
+        (
+            [
+                a.config,
+                str(a.concurrency),
+                str(a.round),
+                f"{a.identical} / {a.requests}",
+                _num(a.first_divergence_p50, ".0f"),
+            ]
+            for a in rows
+        ),
+    )
 
 
 def _yes(flag: bool) -> str:

@@ -11,7 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, computed_field
 
+from bentospec.bench.checks import GreedyAgreement, greedy_agreement, token_problems
 from bentospec.bench.stats import Spread, percentile
+from bentospec.cpu_host import CpuHost
 from bentospec.cpu_runtime import LoadedRuntime
 from bentospec.metrics import SpecCounters
 from bentospec.profile import MODEL_FREE_METHODS, SpeculativeSpec
@@ -64,6 +66,8 @@ class RequestCount(BaseModel):
     prompt: int
     tokens: int
     digest: str
+    #: The generated token ids (empty in results written before they were kept).
+    token_ids: list[int] = []
 
 
 class BenchRow(ConfigId):
@@ -259,38 +263,6 @@ def target_checks(stats: Sequence[ConfigStats], ratios: Sequence[ViaRatio]) -> l
     return checks
 
 
-def token_problems(rows: Sequence[BenchRow]) -> list[str]:
-    """What makes the run untrustworthy: response counts that disagree with the engine's
-    counter, and greedy configs that generated different token totals for the same requests."""
-    problems = [
-        f"{r.label} via {r.via}, {r.workload}, concurrency {r.concurrency}, round {r.round}: "
-        f"responses carried {r.output_tokens} tokens, the engine counted {r.counter_tokens}"
-        for r in rows
-        if r.counter_tokens != r.output_tokens
-    ]
-    groups: dict[tuple[str, int, int], list[BenchRow]] = defaultdict(list)
-    for r in rows:
-        if r.workload == "greedy":
-            groups[(r.model, r.concurrency, r.round)].append(r)
-    for (_, level, rnd), group in groups.items():
-        totals = {f"{r.label} via {r.via}": r.output_tokens for r in group}
-        if len(set(totals.values())) > 1:
-            differing = _differing_prompts(group)
-            problems.append(
-                f"greedy, concurrency {level}, round {rnd}: the same requests generated "
-                f"different token totals {totals} (prompts that differ: {differing})"
-            )
-    return problems
-
-
-def _differing_prompts(group: Sequence[BenchRow]) -> list[int]:
-    outputs: dict[int, set[str]] = defaultdict(set)
-    for row in group:
-        for request in row.requests:
-            outputs[request.prompt].add(request.digest)
-    return sorted(p for p, digests in outputs.items() if len(digests) > 1)
-
-
 def summarize_level(
     config: ConfigId,
     workload: WorkloadName,
@@ -311,7 +283,10 @@ def summarize_level(
         workload=workload,
         round=round_,
         concurrency=concurrency,
-        requests=[RequestCount(prompt=r.prompt, tokens=r.tokens, digest=r.digest) for r in records],
+        requests=[
+            RequestCount(prompt=r.prompt, tokens=r.tokens, digest=r.digest, token_ids=r.token_ids)
+            for r in records
+        ],
         output_tokens=sum(r.tokens for r in records),
         counter_tokens=counter_tokens,
         wall_s=wall_s,
@@ -339,6 +314,9 @@ class Provenance(BaseModel):
     load_avg_end: tuple[float, float, float]
     #: ``VLLM_CPU_*`` settings of the environment (thread binding, reserved cores).
     env: dict[str, str]
+    #: The CPU model and class (AVX2, AVX-512, AMX): what a verify step costs depends on it.
+    #: ``None`` in results written before it was recorded.
+    cpu: CpuHost | None = None
 
 
 class BenchSettings(BaseModel):
@@ -417,7 +395,21 @@ class BenchReport(BaseModel):
     def targets(self) -> list[TargetCheck]:
         return target_checks(self.stats, self.ratios)
 
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """The dtype each config's engine ran, by ``"label via via"``."""
+        return {
+            label: str(setup["engine_args"]["dtype"])
+            for label, setup in self.configs.items()
+            if "dtype" in setup.get("engine_args", {})
+        }
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def problems(self) -> list[str]:
-        return token_problems(self.rows)
+        return token_problems(self.rows, self.dtypes)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def agreement(self) -> list[GreedyAgreement]:
+        return greedy_agreement(self.rows, self.dtypes)

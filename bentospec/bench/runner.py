@@ -36,6 +36,7 @@ from bentospec.bench.results import (
 )
 from bentospec.bench.servers import PROJECT_ROOT, ServerProcess, VllmServer
 from bentospec.bench.stats import Counters, RequestRecord
+from bentospec.cpu_host import detect_cpu_host
 from bentospec.dataset import PromptCase, render_cases
 from bentospec.engine_args import engine_kwargs
 from bentospec.model_store import resolve_model
@@ -380,6 +381,7 @@ def provenance() -> Provenance:
         load_avg_start=load,
         load_avg_end=load,
         env={k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")},
+        cpu=detect_cpu_host(),
     )
 
 

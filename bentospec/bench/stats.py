@@ -45,6 +45,8 @@ class RequestRecord(BaseModel):
     tokens: int
     #: A digest of the generated token ids: equal digests are equal outputs.
     digest: str
+    #: The generated token ids: where two outputs part, when their digests differ.
+    token_ids: list[int]
     ttft_s: float
     #: Per-token inter-token latencies after the first chunk: a chunk of n tokens after a gap g
     #: counts as n latencies of g/n, so a speculative step is not one slow "token".
@@ -72,6 +74,7 @@ def record_from_chunks(
         prompt=prompt,
         tokens=len(ids),
         digest=token_digest(ids),
+        token_ids=ids,
         ttft_s=chunks[0][0] - start,
         itl_s=itl,
     )
