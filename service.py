@@ -14,15 +14,14 @@ from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 import bentoml
-from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from pydantic import BaseModel
 
 from bentospec.api_docs import OpenAPIDocsMiddleware
 from bentospec.auth import APIKeyMiddleware
-from bentospec.engine import EngineStatus, EngineUnavailable, SpecEngine
+from bentospec.engine import EngineStatus, SpecEngine
+from bentospec.errors import bentoml_answers
 from bentospec.gate import EngineGateMiddleware
 from bentospec.generation import (
-    RequestRejected,
     check_request,
     generate_full,
     stream_text,
@@ -126,29 +125,26 @@ class BentoSpec:
 
     async def _checked(self, request: GenerateRequest) -> TokensPrompt:
         """The request's token ids, once it passed the profile's checks."""
-        try:
-            check_request(self.engine, request.prompt, request)
-            return await tokenized(self.engine, request.prompt)
-        except EngineUnavailable as exc:
-            raise ServiceUnavailable(str(exc)) from exc
-        except RequestRejected as exc:
-            raise InvalidArgument(str(exc)) from exc
+        check_request(self.engine, request.prompt, request)
+        return await tokenized(self.engine, request.prompt)
 
     @bentoml.api(input_spec=GenerateRequest)
     async def generate(self, **fields: Any) -> AsyncGenerator[str, None]:
         """Stream the completion of a raw prompt as text deltas."""
         request = GenerateRequest.model_construct(**fields)
-        # Raised before the first chunk, so BentoML still answers with a status code.
-        prompt = await self._checked(request)
-        async for delta in stream_text(self.engine, prompt, request):
-            yield delta
+        # Refusals come before the first chunk (BentoML awaits it): still a status code.
+        with bentoml_answers():
+            prompt = await self._checked(request)
+            async for delta in stream_text(self.engine, prompt, request):
+                yield delta
 
     @bentoml.api(input_spec=GenerateRequest)
     async def generate_full(self, **fields: Any) -> GenerateResult:
         """Complete a raw prompt; returns text, token counts and this request's speculation."""
         request = GenerateRequest.model_construct(**fields)
-        prompt = await self._checked(request)
-        return await generate_full(self.engine, prompt, request)
+        with bentoml_answers():
+            prompt = await self._checked(request)
+            return await generate_full(self.engine, prompt, request)
 
 
 # The first added is the outermost: authenticate before telling anything about the engine.

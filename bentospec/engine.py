@@ -23,6 +23,7 @@ from bentospec.cpu_runtime import (
     preload_environment,
 )
 from bentospec.engine_args import build_engine_args
+from bentospec.errors import EngineUnavailable
 from bentospec.model_store import resolve_model
 from bentospec.profile import Profile
 from bentospec.prompts import ChatEncoder
@@ -40,10 +41,6 @@ class EngineStatus(enum.StrEnum):
     FAILED = "failed"
     #: The engine-core process died after it was ready.
     DEAD = "dead"
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine cannot take requests now (loading, failed or dead); maps to HTTP 503."""
 
 
 class SpecEngine:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from bentospec import vllm_api
 from bentospec.adaptive import SWITCH_KEY
 from bentospec.engine import SpecEngine
+from bentospec.errors import RequestRejected, rejected
 from bentospec.metrics import SpecCounters
 from bentospec.profile import Profile
 from bentospec.schemas import GenerateResult, SamplingOptions, SpeculationStats
@@ -20,17 +21,6 @@ if TYPE_CHECKING:
     from bentospec.vllm_api import RequestOutput, SamplingParams, TokensPrompt
 
 logger = logging.getLogger(__name__)
-
-#: vLLM samples greedily below this temperature (``vllm.sampling_params._SAMPLING_EPS``).
-GREEDY_BELOW = 1e-5
-
-
-class RequestRejected(ValueError):
-    """The request is invalid for this profile; ``field`` names the offending input (HTTP 400)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 def check_request(
@@ -94,19 +84,21 @@ def check_sampling(
     """Refuse sampling settings the profile's speculation cannot honour (HTTP 400).
 
     vLLM's own rule (``SamplingParams._validate_spec_decode``), for every API: with speculation,
-    ``min_p`` on a sampled request and ``logit_bias`` are refused; greedy requests drop
+    ``min_p`` on a sampled request and ``logit_bias`` are refused; greedy requests (temperature
+    0: vLLM samples at any temperature above it, :func:`vllm_api.applies_min_p`) drop
     ``min_p``. vLLM refuses a streamed request only after its stream started, as an error
-    event: checking first gives every client a 400 naming the field.
+    event, and without naming the field: checking first gives every client a 400 naming it.
     """
     if engine.profile.speculative is None:
         return
-    if (
-        min_p > GREEDY_BELOW
-        and request_temperature(temperature, engine.generation_defaults()) >= GREEDY_BELOW
-    ):
+    # The model's default temperature matters only to a request that sets min_p.
+    runs_at = request_temperature(temperature, engine.generation_defaults()) if min_p else None
+    if runs_at is not None and vllm_api.applies_min_p(min_p=min_p, temperature=runs_at):
         raise RequestRejected(
             "min_p",
-            "vLLM does not support min_p with speculative decoding: send 0 (or temperature 0)",
+            f"vLLM does not support min_p with speculative decoding unless the request is "
+            f"greedy (temperature 0; vLLM samples at any temperature above 0): got min_p={min_p} "
+            f"at temperature={runs_at}; send min_p 0, or temperature 0",
         )
     if logit_bias:
         raise RequestRejected(
@@ -172,14 +164,36 @@ def speculation_stats(profile: Profile, output: RequestOutput) -> SpeculationSta
     )
 
 
-async def stream_outputs(
+def request_params(engine: SpecEngine, options: SamplingOptions, *, stream: bool) -> SamplingParams:
+    """The request's ``SamplingParams`` (deltas if ``stream``), checked as vLLM checks them when
+    the request is added: vLLM's refusal is raised as :class:`RequestRejected` naming the
+    field, here, before any response starts, so that every route answers it with a 400."""
+    try:
+        params = sampling_params(options, stream=stream, defaults=engine.generation_defaults())
+        vllm_api.verify_params(engine.llm, params)
+    except vllm_api.request_refusals() as exc:
+        raise rejected(exc, SamplingOptions.model_fields) from exc
+    return params
+
+
+async def _generated(
+    engine: SpecEngine, prompt: str | TokensPrompt, params: SamplingParams
+) -> AsyncIterator[RequestOutput]:
+    """``engine.generate``, with a refusal of vLLM's checks beyond the params (raised when the
+    request is added, before its first output) as :class:`RequestRejected` too."""
+    try:
+        async for output in engine.generate(prompt, params):
+            yield output
+    except vllm_api.request_refusals() as exc:
+        raise rejected(exc, SamplingOptions.model_fields) from exc
+
+
+def stream_outputs(
     engine: SpecEngine, prompt: str | TokensPrompt, options: SamplingOptions
 ) -> AsyncIterator[RequestOutput]:
-    """Delta outputs of one request; closing the iterator aborts the engine request."""
-    async for output in engine.generate(
-        prompt, sampling_params(options, stream=True, defaults=engine.generation_defaults())
-    ):
-        yield output
+    """Delta outputs of one request, checked now (:func:`request_params`); closing the iterator
+    aborts the engine request."""
+    return _generated(engine, prompt, request_params(engine, options, stream=True))
 
 
 async def stream_text(
@@ -196,9 +210,7 @@ async def generate_full(
 ) -> GenerateResult:
     """Run one request to completion and report its tokens and speculation stats."""
     final: RequestOutput | None = None
-    async for output in engine.generate(
-        prompt, sampling_params(options, stream=False, defaults=engine.generation_defaults())
-    ):
+    async for output in _generated(engine, prompt, request_params(engine, options, stream=False)):
         final = output
     if final is None or not final.outputs:
         raise RuntimeError("engine returned no output")

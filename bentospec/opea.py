@@ -18,10 +18,10 @@ from pydantic import Field
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from bentospec import sse, vllm_api
-from bentospec.engine import EngineStatus, EngineUnavailable, SpecEngine
-from bentospec.gate import engine_failed, unavailable
+from bentospec.engine import EngineStatus, SpecEngine
+from bentospec.errors import EngineUnavailable, RequestRejected, opea_answer, opea_error
+from bentospec.gate import engine_failed
 from bentospec.generation import (
-    RequestRejected,
     check_request,
     generate_full,
     speculation_stats,
@@ -33,11 +33,10 @@ from bentospec.schemas import (
     GenerateResult,
     HealthStatus,
     OPEACompletionRequest,
-    SamplingOptions,
 )
 
 if TYPE_CHECKING:
-    from bentospec.vllm_api import TokensPrompt
+    from bentospec.vllm_api import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +50,6 @@ class OPEAGeneratedDoc(GenerateResult):
     prompt: str
     #: Request fields that were accepted but not applied, with the reason.
     ignored_fields: dict[str, str] = Field(default_factory=dict)
-
-
-def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
-    body: dict[str, object] = {"error": message, "status": status}
-    if field is not None:
-        body["field"] = field
-    return JSONResponse(body, status_code=status)
 
 
 def build_opea_app(templates: PromptTemplates) -> FastAPI:
@@ -79,7 +71,7 @@ def build_opea_app(templates: PromptTemplates) -> FastAPI:
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
-        return _error(400, f"{field}: {first['msg']}", field)
+        return opea_error(400, f"{field}: {first['msg']}", field)
 
     def engine_of(request: Request) -> SpecEngine:
         engine: SpecEngine | None = request.app.state.engine
@@ -114,7 +106,7 @@ def build_opea_app(templates: PromptTemplates) -> FastAPI:
         try:
             engine = engine_of(request)
             if body.model is not None and body.model != engine.profile.served_model_name:
-                return _error(
+                return opea_error(
                     404,
                     f"model: {body.model!r} is not served here; this service serves "
                     f"{engine.profile.served_model_name!r}",
@@ -130,17 +122,16 @@ def build_opea_app(templates: PromptTemplates) -> FastAPI:
                 max_tokens_field="max_new_tokens",
             )
             prompt = await tokenized(engine, message, chat=True, prompt_field="query")
-        except EngineUnavailable as exc:
-            return unavailable(str(exc))
-        except RequestRejected as exc:
-            return _error(400, str(exc), exc.field)
-        ignored = body.ignored_fields()
-        if ignored:
-            logger.warning("OPEA request fields ignored: %s", ignored)
-        if body.streaming:
-            events = sse.with_keepalive(sse.framed(_events(engine, prompt, options, ignored)))
-            return StreamingResponse(events, media_type="text/event-stream")
-        result = await generate_full(engine, prompt, options)
+            ignored = body.ignored_fields()
+            if ignored:
+                logger.warning("OPEA request fields ignored: %s", ignored)
+            if body.streaming:
+                outputs = stream_outputs(engine, prompt, options)  # checked before the 200
+                events = sse.with_keepalive(sse.framed(_events(engine, outputs, ignored)))
+                return StreamingResponse(events, media_type="text/event-stream")
+            result = await generate_full(engine, prompt, options)
+        except (EngineUnavailable, RequestRejected) as exc:
+            return opea_answer(exc)
         doc = OPEAGeneratedDoc(**result.model_dump(), prompt=body.query, ignored_fields=ignored)
         return JSONResponse(doc.model_dump())
 
@@ -148,14 +139,14 @@ def build_opea_app(templates: PromptTemplates) -> FastAPI:
 
 
 async def _events(
-    engine: SpecEngine,
-    prompt: TokensPrompt,
-    options: SamplingOptions,
-    ignored: dict[str, str],
+    engine: SpecEngine, outputs: AsyncIterator[RequestOutput], ignored: dict[str, str]
 ) -> AsyncIterator[dict[str, Any]]:
-    """One event per text delta; the last one has finish reason, usage and speculation stats."""
-    async for output in stream_outputs(engine, prompt, options):
+    """One event per text delta; the last one has finish reason, usage (the tokens of every
+    delta) and speculation stats."""
+    completion_tokens = 0
+    async for output in outputs:
         completion = output.outputs[0]
+        completion_tokens += len(completion.token_ids)
         if completion.text:
             yield {"text": completion.text}
         if output.finished:
@@ -163,7 +154,7 @@ async def _events(
                 "text": "",
                 "finish_reason": completion.finish_reason,
                 "prompt_tokens": len(output.prompt_token_ids or ()),
-                "completion_tokens": len(completion.token_ids),
+                "completion_tokens": completion_tokens,
                 "speculation": speculation_stats(engine.profile, output).model_dump(),
                 "ignored_fields": ignored,
             }

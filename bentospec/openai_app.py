@@ -19,8 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bentospec import vllm_api
 from bentospec.engine import SpecEngine
-from bentospec.gate import engine_failed, not_ready, openai_error, unavailable
-from bentospec.generation import RequestRejected, check_sampling
+from bentospec.errors import RequestRejected, openai_rejection, unavailable
+from bentospec.gate import engine_failed, not_ready
+from bentospec.generation import check_sampling
 
 CHAT_PATH = "/v1/chat/completions"
 RESPONSES_PATH = "/v1/responses"
@@ -113,23 +114,22 @@ async def _refused(request: Request, engine: SpecEngine) -> JSONResponse | None:
     if not isinstance(body, dict):
         return None
     n, limit = body.get("n"), engine.profile.engine.max_num_seqs
-    if isinstance(n, int) and n > limit:
-        return _bad_request("n", f"n must be at most {limit} (the profile's max_num_seqs), got {n}")
-    if "messages" in body and not isinstance(body["messages"], str | list):
-        return _bad_request("messages", "messages must be a list of messages or one string")
-    min_p, temperature = body.get("min_p") or 0.0, body.get("temperature")
-    if isinstance(min_p, int | float) and isinstance(temperature, int | float | None):
-        try:  # other types: vLLM's request model names the field
+    try:
+        if isinstance(n, int) and n > limit:
+            raise RequestRejected(
+                "n", f"n must be at most {limit} (the profile's max_num_seqs), got {n}"
+            )
+        if "messages" in body and not isinstance(body["messages"], str | list):
+            raise RequestRejected("messages", "must be a list of messages or one string")
+        min_p, temperature = body.get("min_p") or 0.0, body.get("temperature")
+        if isinstance(min_p, int | float) and isinstance(temperature, int | float | None):
+            # Other types: vLLM's request model names the field.
             check_sampling(
                 engine, min_p=min_p, temperature=temperature, logit_bias=body.get("logit_bias")
             )
-        except RequestRejected as exc:
-            return _bad_request(exc.field, str(exc))
+    except RequestRejected as exc:
+        return openai_rejection(exc)
     return None
-
-
-def _bad_request(param: str, message: str) -> JSONResponse:
-    return openai_error(400, "BadRequestError", message, param=param)
 
 
 class RequestRewriteMiddleware:

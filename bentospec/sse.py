@@ -1,7 +1,8 @@
 """Server-sent events as OPEA clients read them: ``data: {json}`` events, then ``data: [DONE]``.
 
-A stream that fails part-way still ends the way clients expect (an error event, then
-``[DONE]``), and a stream that is quiet for a while (queued behind other requests, a long
+A stream that fails part-way still ends the way clients expect (an error event in OpenAI's
+error shape, then ``[DONE]``; one the engine died under says "the engine restarted; retry",
+:mod:`bentospec.gate`), and a stream that is quiet for a while (queued behind other requests, a long
 prefill) sends SSE comments so that proxies do not close it as idle.
 """
 
@@ -13,6 +14,8 @@ import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+
+from bentospec.errors import openai_body
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ async def framed(events: AsyncIterator[Mapping[str, Any]]) -> AsyncIterator[str]
     except Exception as exc:
         logger.exception("stream failed after it started")
         message = str(exc) or type(exc).__name__
-        yield event({"error": {"message": f"generation failed: {message}", "type": "ServerError"}})
+        yield event(openai_body(500, "ServerError", f"generation failed: {message}"))
     yield DONE
 
 

@@ -128,6 +128,43 @@ def sampling_params(*, stream: bool, **fields: Any) -> SamplingParams:
     return SamplingParams(**fields, output_kind=kind)
 
 
+def greedy(temperature: float) -> bool:
+    """Whether vLLM decodes greedily at ``temperature``: its ``SamplingParams`` first raises any
+    temperature in (0, 0.01) to 0.01 and samples, so only 0 is greedy (``sampling_type``)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import SamplingType
+
+    return SamplingParams(temperature=temperature).sampling_type is SamplingType.GREEDY
+
+
+def applies_min_p(*, min_p: float, temperature: float) -> bool:
+    """Whether vLLM applies ``min_p`` at ``temperature`` (what speculative decoding refuses):
+    a greedy request drops it, and one at or below vLLM's sampling epsilon is none."""
+    from vllm.sampling_params import _SAMPLING_EPS
+
+    return min_p > _SAMPLING_EPS and not greedy(temperature)
+
+
+def request_refusals() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it refuses: ``SamplingParams``' checks (``ValueError``
+    and ``VLLMValidationError``) and the engine's when the request is added."""
+    from vllm.exceptions import VLLMClientError
+
+    return (VLLMClientError, ValueError)
+
+
+def verify_params(llm: AsyncLLM, params: SamplingParams) -> None:
+    """vLLM's checks of ``params`` against the engine (speculation, logprobs, logit bias), as
+    it runs them when a request is added: raises ``VLLMValidationError`` before generating."""
+    config = llm.vllm_config
+    params.verify(
+        llm.model_config,
+        config.speculative_config,
+        config.structured_outputs_config,
+        llm.get_tokenizer(),
+    )
+
+
 def tokens_prompt(token_ids: list[int]) -> TokensPrompt:
     return {"prompt_token_ids": token_ids}
 

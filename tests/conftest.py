@@ -6,6 +6,7 @@ Engines take ~20 s to start on CPU, so every test that needs one shares these.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 # Re-exported: the tests start servers with the benchmark's launcher.
 from bentospec.bench.servers import ServerProcess as ServerProcess
@@ -43,6 +45,13 @@ def wait_for(condition: Callable[[], bool], seconds: float, interval: float = 0.
     return True
 
 
+def sse_payloads(text: str) -> list[Any]:
+    """The JSON payloads of an SSE body (comments skipped), which must end with ``[DONE]``."""
+    events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data:")]
+    assert events and events[-1] == "[DONE]", text[-500:]
+    return [json.loads(e) for e in events[:-1]]
+
+
 class LoopThread:
     """An event loop in a background thread, so sync tests can drive one async engine."""
 
@@ -61,6 +70,9 @@ class LoopThread:
 
 #: ``BENTOSPEC_FUZZ_EXAMPLES=N``: N random examples per fuzzed test instead of CI's fixed run.
 FUZZ_EXAMPLES_ENV = "BENTOSPEC_FUZZ_EXAMPLES"
+#: Where a longer run keeps its failing examples (``make fuzz`` names it); hypothesis'
+#: ``.hypothesis/examples`` when unset.
+FUZZ_DATABASE_ENV = "BENTOSPEC_FUZZ_DATABASE"
 #: Examples per fuzzed test in CI, from a fixed seed: inside CI's budget.
 CI_FUZZ_EXAMPLES = 60
 
@@ -70,12 +82,15 @@ def fuzz_settings(max_examples: int = CI_FUZZ_EXAMPLES) -> settings:
 
     CI: ``max_examples`` examples, derandomized (the same run every time, no database).
     With :data:`FUZZ_EXAMPLES_ENV`: that many random examples; failing ones are kept in
-    ``.hypothesis/`` (git-ignored) and replayed first next time. No shrinking: a request that
-    kills the engine fails every later one until the worker restarts, so the first failing
-    example is the one to report.
+    :data:`FUZZ_DATABASE_ENV`'s directory (else ``.hypothesis/``, git-ignored) and replayed
+    first next time. No shrinking: a request that kills the engine fails every later one until
+    the worker restarts, so the first failing example is the one to report.
     """
     longer = os.environ.get(FUZZ_EXAMPLES_ENV)
+    kept = os.environ.get(FUZZ_DATABASE_ENV)
+    database = {"database": DirectoryBasedExampleDatabase(kept)} if longer and kept else {}
     return settings(
+        **database,
         max_examples=int(longer) if longer else max_examples,
         derandomize=not longer,
         deadline=None,  # one example is a batch of real generations

@@ -61,7 +61,14 @@ def test_missing_or_wrong_key_is_401(
 
 
 #: The engine is not loading in this process: routes that need it answer the one 503 body.
-LOADING = {"error": {"message": "engine is loading", "type": "ServiceUnavailable", "code": 503}}
+LOADING = {
+    "error": {
+        "message": "engine is loading; retry in 30 s",
+        "type": "ServiceUnavailable",
+        "param": None,
+        "code": 503,
+    }
+}
 NEED_NO_ENGINE = {"/docs.json", "/"}
 
 
@@ -75,6 +82,7 @@ def test_right_key_passes(client: TestClient, method: str, path: str) -> None:
         assert r.status_code == 503 and r.json()["engine"] == "loading"
     else:
         assert r.status_code == 503 and r.json() == LOADING, r.text
+        assert r.headers["retry-after"] == "30"
 
 
 @pytest.mark.parametrize("path", ["/livez", "/readyz", "/healthz", "/metrics"])

@@ -7,7 +7,6 @@ sends it: OPEA's documented curl bodies verbatim, the ``openai`` client with its
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Iterator
 
@@ -17,7 +16,7 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletionTokenLogprob
 
 from bentospec.profile import load_profile
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, sse_payloads
 
 pytestmark = pytest.mark.server
 
@@ -53,12 +52,6 @@ def _opea(server: ServerProcess, body: dict[str, object]) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/spec_decode/completions", json=body, timeout=300)
 
 
-def _sse_payloads(text: str) -> list[dict[str, object]]:
-    events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data:")]
-    assert events[-1] == "[DONE]", text[-500:]
-    return [json.loads(e) for e in events[:-1]]
-
-
 def test_opea_documented_request_succeeds_and_reports_typical_p(any_server: ServerProcess) -> None:
     r = _opea(any_server, OPEA_EXAMPLE)
     assert r.status_code == 200, r.text
@@ -75,7 +68,7 @@ def test_opea_documented_request_succeeds_and_reports_typical_p(any_server: Serv
 def test_opea_documented_streaming_request_is_sse(any_server: ServerProcess) -> None:
     r = _opea(any_server, {**OPEA_EXAMPLE, "streaming": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    payloads = _sse_payloads(r.text)
+    payloads = sse_payloads(r.text)
     final = payloads[-1]
     assert final["finish_reason"] in {"length", "stop"} and final["completion_tokens"] <= 17
     assert set(final["ignored_fields"]) == {"typical_p"}
@@ -178,3 +171,76 @@ def test_own_api_samples_by_default_like_vllm(server: ServerProcess) -> None:
         for seed in range(4)
     }
     assert len(texts) > 1, texts
+
+
+# --- vLLM's refusals as 400s naming the field, one greedy rule on every route -------------
+
+#: Around both thresholds once used for "greedy" (vLLM's 1e-5 epsilon, and its 0.01 floor to
+#: which it raises every smaller positive temperature): only 0 is greedy.
+SWEPT_TEMPERATURES = [0.0, 1e-7, 5e-6, 1e-5, 5e-3, 0.01, 0.5]
+#: Speculation refuses both unless greedy (min_p) or always (logit_bias).
+REFUSABLE = {"none": {}, "min_p": {"min_p": 0.5}, "logit_bias": {"logit_bias": {"13": 1.0}}}
+
+
+def _sent(
+    server: ServerProcess, route: str, stream: bool, fields: dict[str, object]
+) -> httpx.Response:
+    """``fields`` (sampling) on ``route`` in its API's request shape, 8 tokens at most."""
+    if route == "/v1/spec_decode/completions":
+        body: dict[str, object] = {"query": "C", "max_new_tokens": 8, "streaming": stream}
+    elif route == "/v1/chat/completions":
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "C"}], "stream": stream}
+        body["max_tokens"] = 8
+    elif route == "/v1/completions":
+        body = {"model": MODEL, "prompt": "C", "max_tokens": 8, "stream": stream}
+    else:
+        body = {"prompt": "C", "max_tokens": 8}
+    return httpx.post(f"{server.url}{route}", json={**body, **fields}, timeout=120)
+
+
+def _named_field(route: str, response: httpx.Response) -> str | None:
+    """The field a 400 names in its API's shape: OpenAI's ``param``, OPEA's ``field``, else
+    (BentoML's routes) the first sampling field its message starts with or its detail locates."""
+    body = response.json()
+    if route.startswith("/v1/") and route != "/v1/spec_decode/completions":
+        return body["error"]["param"]
+    if route == "/v1/spec_decode/completions":
+        return body["field"]
+    if isinstance(body, list):  # BentoML's InvalidArgument: [{"error": "field: message"}]
+        return body[0]["error"].split(":")[0]
+    return body["detail"][0]["loc"][-1]  # BentoML's request validation
+
+
+ROUTES = [
+    ("/generate", True),
+    ("/generate_full", False),
+    ("/v1/spec_decode/completions", True),
+    ("/v1/spec_decode/completions", False),
+    ("/v1/completions", True),
+    ("/v1/completions", False),
+    ("/v1/chat/completions", True),
+    ("/v1/chat/completions", False),
+]
+
+
+@pytest.mark.parametrize("refusable", list(REFUSABLE))
+@pytest.mark.parametrize("temperature", SWEPT_TEMPERATURES)
+def test_tiny_temperatures_sample_and_min_p_or_logit_bias_get_a_400_naming_it_on_every_route(
+    server: ServerProcess, temperature: float, refusable: str
+) -> None:
+    fields = {"temperature": temperature, **REFUSABLE[refusable]}
+    for route, stream in ROUTES:
+        # OPEA's request has neither field: an unknown field is refused too.
+        opea = route == "/v1/spec_decode/completions"
+        refused = refusable == "logit_bias" or (refusable == "min_p" and (temperature or opea))
+        r = _sent(server, route, stream, fields)
+        where = f"{route} stream={stream} {fields}"
+        if not refused:
+            assert r.status_code == 200, f"{where}: {r.text[:300]}"
+            assert "error" not in r.text, f"{where}: {r.text[-300:]}"
+            continue
+        assert r.status_code == 400, f"{where}: {r.status_code} {r.text[:300]}"
+        assert _named_field(route, r) == refusable, f"{where}: {r.text[:300]}"
+        if refusable == "min_p" and not opea:
+            assert f"temperature={temperature}" in r.text, f"{where}: {r.text[:300]}"
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200

@@ -18,7 +18,7 @@ from bentospec import __version__
 from bentospec.api_docs import README, README_SECTIONS, TAGS
 from bentospec.metrics import SpecCounters
 from bentospec.profile import load_profile
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import ROOT, ServerProcess, sse_payloads
 
 MODEL = "smollm2-135m-instruct"
 #: The served profile's context (the session server runs ``cpu``).
@@ -402,3 +402,48 @@ def test_swagger_ui_renders_the_routes_in_chromium(server: ServerProcess, tmp_pa
     for name, _ in TAGS:
         assert f'id="operations-tag-{name}"' in dom, name
     assert 'id="operations-tag-default"' not in dom
+
+
+#: One greedy request that runs to its token limit (the counts are then the limit).
+COUNTED = "Count from 1 to 100: 1, 2, 3,"
+
+
+@pytest.mark.server
+def test_streamed_answers_report_the_counts_of_the_same_request_unstreamed(
+    server: ServerProcess,
+) -> None:
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        # The service's own routes: the text stream carries the whole answer of /generate_full.
+        own = {"prompt": COUNTED, "max_tokens": 16, "temperature": 0}
+        full = client.post("/generate_full", json=own).json()
+        assert client.post("/generate", json=own).text == full["text"]
+        assert full["completion_tokens"] == 16
+        # OPEA: the final event has the non-streamed answer's counts and speculation.
+        opea = {"query": COUNTED, "max_new_tokens": 16, "temperature": 0}
+        doc = client.post("/v1/spec_decode/completions", json={**opea, "streaming": False}).json()
+        events = sse_payloads(
+            client.post("/v1/spec_decode/completions", json={**opea, "streaming": True}).text
+        )
+        final = events[-1]
+        assert "".join(e["text"] for e in events) == doc["text"]
+        assert len([e for e in events if e["text"]]) > 1  # deltas, not one chunk
+        counted = ("prompt_tokens", "completion_tokens", "finish_reason", "speculation")
+        assert {k: final[k] for k in counted} == {k: doc[k] for k in counted}
+        assert doc["completion_tokens"] == 16
+        # OpenAI: stream_options.include_usage reports the usage of the unstreamed answer.
+        for route, request in [
+            ("/v1/completions", {"prompt": COUNTED}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": COUNTED}]}),
+        ]:
+            body = {"model": MODEL, "max_tokens": 16, "temperature": 0, **request}
+            reply = client.post(route, json=body).json()
+            chunks = sse_payloads(
+                client.post(
+                    route,
+                    json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                ).text
+            )
+            usage = ("prompt_tokens", "completion_tokens", "total_tokens")
+            streamed = {k: chunks[-1]["usage"][k] for k in usage}
+            assert streamed == {k: reply["usage"][k] for k in usage}, route
+            assert reply["usage"]["completion_tokens"] == 16, route

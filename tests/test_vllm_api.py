@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from types import SimpleNamespace
 
 import fastapi
 import pytest
@@ -20,7 +21,7 @@ from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 from vllm.v1.spec_decode.ngram_proposer import NgramProposer
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-from bentospec import vllm_api
+from bentospec import errors, vllm_api
 from bentospec.engine_args import engine_kwargs
 from bentospec.openai_app import OPENAI_ROUTES, serving_argv
 from bentospec.profile import list_profiles, load_profile
@@ -107,3 +108,35 @@ def test_engine_core_side_names_exist() -> None:
     init = inspect.signature(NgramProposer.__init__)
     assert list(init.parameters)[:2] == ["self", "vllm_config"]
     assert isinstance(vllm_api.counter_samples(), list)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-9, 1e-7, 5e-6, 1e-5, 5e-3, 0.01, 0.5, 2.0])
+def test_only_temperature_zero_is_greedy_as_vllm_samples(temperature: float) -> None:
+    # vLLM raises 0 < t < 0.01 to 0.01 and samples; what it runs is the rule's ground truth.
+    params = vllm.SamplingParams(temperature=temperature, min_p=0.5)
+    assert vllm_api.greedy(temperature) is (temperature == 0)
+    assert vllm_api.applies_min_p(min_p=0.5, temperature=temperature) is (params.min_p == 0.5)
+    assert not vllm_api.applies_min_p(min_p=0.0, temperature=temperature)
+
+
+def test_vllm_refuses_min_p_and_logit_bias_with_speculation_where_the_rule_says() -> None:
+    speculative = SimpleNamespace()  # vLLM only checks that a speculative config is set
+    for temperature, min_p, logit_bias in [(1e-7, 0.5, None), (0.0, 0.5, None), (0.0, 0, {1: 2.0})]:
+        params = vllm.SamplingParams(temperature=temperature, min_p=min_p, logit_bias=logit_bias)
+        refused = vllm_api.applies_min_p(min_p=min_p, temperature=temperature) or bool(logit_bias)
+        try:
+            params._validate_spec_decode(speculative)
+        except vllm_api.request_refusals() as exc:
+            assert refused, exc
+            assert errors.rejected(exc, ["logit_bias", "min_p"]).field == "min_p"
+        else:
+            assert not refused
+
+
+def test_refusals_raised_building_sampling_params_name_their_field() -> None:
+    with pytest.raises(vllm_api.request_refusals()) as caught:
+        vllm_api.sampling_params(stream=False, temperature=0.0, n=2)
+    assert errors.rejected(caught.value, ["temperature", "n"]).field == "n"
+    with pytest.raises(vllm_api.request_refusals()) as caught:
+        vllm_api.sampling_params(stream=False, top_p=0.0)
+    assert errors.rejected(caught.value, ["temperature", "top_p"]).field == "top_p"
