@@ -105,7 +105,10 @@ class _OutageSend:
                 await restarted()(self._scope, self._receive, self._send)
                 return
             headers = dict(message.get("headers", ()))
-            self._events = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            # BentoML labels /generate's raw text stream text/event-stream too.
+            self._events = self._scope["path"] not in GATED_PATHS and headers.get(
+                b"content-type", b""
+            ).startswith(b"text/event-stream")
             self._chunked = b"content-length" not in headers
         elif message["type"] == "http.response.body":
             body: bytes = message.get("body", b"")

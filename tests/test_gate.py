@@ -88,8 +88,8 @@ def gate(
     def route(_: object) -> Response:
         if answer == "events":
             return StreamingResponse(events(), media_type="text/event-stream")
-        if answer == "text":
-            return StreamingResponse(text(), media_type="text/plain")
+        if answer == "text":  # BentoML's raw text stream, labelled as SSE
+            return StreamingResponse(text(), media_type="text/event-stream")
         if dies_under is not None:
             die()
             return PlainTextResponse("An unexpected error has occurred", status_code=500)
@@ -140,7 +140,8 @@ def test_a_request_the_engine_died_under_gets_a_retryable_503(
 def test_a_stream_the_engine_died_under_ends_with_a_retryable_error_event(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    r = gate(monkeypatch, Engine(None), dies_under=DEAD, answer="events").post(PATH)
+    chat = "/v1/chat/completions"
+    r = gate(monkeypatch, Engine(None), dies_under=DEAD, path=chat, answer="events").post(chat)
     events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
     assert r.status_code == 200
     assert [json.loads(e) for e in events[:-1]] == [{"text": "Hel"}, {"error": RESTARTED}]
@@ -148,7 +149,8 @@ def test_a_stream_the_engine_died_under_ends_with_a_retryable_error_event(
 
 
 def test_a_stream_error_of_a_ready_engine_is_passed_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    r = gate(monkeypatch, Engine(None), answer="events").post(PATH)
+    chat = "/v1/chat/completions"
+    r = gate(monkeypatch, Engine(None), path=chat, answer="events").post(chat)
     assert json.dumps(VLLM_DEAD_EVENT) in r.text
 
 

@@ -26,10 +26,11 @@ import psutil
 import pytest
 import yaml
 from fastapi.routing import APIRoute
+from openai import OpenAI
 
 from bentospec.auth import API_KEY_ENV
 from bentospec.profile import DEFAULT_CONFIG_DIR, list_profiles, load_profile
-from tests.conftest import ROOT, ServerProcess, free_port, wait_for
+from tests.conftest import ROOT, ServerProcess, free_port, sse_payloads, wait_for
 
 MODEL = "smollm2-135m-instruct"
 PROFILE = load_profile("cpu")
@@ -532,79 +533,137 @@ def _children(proc: ServerProcess, needle: str) -> list[psutil.Process]:
     return found
 
 
-#: One long request per API, in flight when the engine core dies: (route, body, streamed).
-IN_FLIGHT = [
-    ("/v1/completions", _completion(prompt=COUNTING, max_tokens=1000, temperature=0), False),
-    (
-        "/v1/chat/completions",
-        {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": COUNTING}],
-            "max_tokens": 1000,
-            "temperature": 0,
-            "stream": True,
-        },
-        True,
-    ),
-    ("/generate_full", {"prompt": COUNTING, "max_tokens": 1000, "temperature": 0}, False),
-    (
-        "/v1/spec_decode/completions",
-        # OPEA's default repetition_penalty (1.03) stops the count after a few seconds.
-        {
-            "query": COUNTING,
-            "max_new_tokens": 1000,
-            "temperature": 0,
-            "repetition_penalty": 1.0,
-            "streaming": True,
-        },
-        True,
-    ),
+def _chat_stream(content: str, max_tokens: int) -> dict[str, object]:
+    return {**_chat(messages=[{"role": "user", "content": content}]), "max_tokens": max_tokens}
+
+
+def streams(prompt: str, max_tokens: int) -> list[tuple[str, dict[str, object]]]:
+    """One greedy stream on each API: (route, body)."""
+    greedy = {"max_tokens": max_tokens, "temperature": 0}
+    return [
+        ("/generate", {"prompt": prompt, **greedy}),
+        ("/v1/completions", _completion(prompt=prompt, **greedy, stream=True)),
+        (
+            "/v1/chat/completions",
+            {**_chat_stream(prompt, max_tokens), "temperature": 0, "stream": True},
+        ),
+        ("/v1/spec_decode/completions", _opea(prompt, max_tokens, streaming=True)),
+    ]
+
+
+def _opea(prompt: str, max_tokens: int, *, streaming: bool) -> dict[str, object]:
+    # OPEA's default repetition_penalty (1.03) stops the count after a few seconds.
+    return {
+        "query": prompt,
+        "max_new_tokens": max_tokens,
+        "temperature": 0,
+        "repetition_penalty": 1.0,
+        "streaming": streaming,
+    }
+
+
+#: In flight when the engine core dies: 16 long streams (4 per API) and a JSON request on each
+#: API that has one (route, body).
+UNDER_LOAD = 4 * streams(COUNTING, 1000) + [
+    ("/v1/completions", _completion(prompt=COUNTING, max_tokens=1000, temperature=0)),
+    ("/generate_full", {"prompt": COUNTING, "max_tokens": 1000, "temperature": 0}),
+    ("/v1/spec_decode/completions", _opea(COUNTING, 1000, streaming=False)),
 ]
+#: What a request the engine died under gets (a JSON 503, or an SSE error event).
+RESTARTED = {
+    "message": "the engine restarted; retry in 30 s",
+    "type": "ServiceUnavailable",
+    "param": None,
+    "code": 503,
+}
 
 
-def _clear_error(streamed: bool, response: httpx.Response) -> bool:
-    """A 503 JSON naming the dead engine, or a stream that ends with an error event."""
-    if not streamed or response.status_code != 200:
-        return response.status_code == 503 and "engine is dead" in response.text
-    events = [line for line in response.text.splitlines() if line.startswith("data:")]
-    return len(events) >= 2 and events[-1] == "data: [DONE]" and '"error"' in events[-2]
+@dataclass
+class Outcome:
+    """One request's answer: status, body and headers, and the transfer error if it broke."""
+
+    route: str
+    status: int | None = None
+    text: str = ""
+    retry_after: str | None = None
+    broken: str | None = None
+
+
+def _sent(client: httpx.Client, route: str, body: dict[str, object]) -> Outcome:
+    outcome = Outcome(route)
+    try:
+        with client.stream("POST", route, json=body) as r:
+            outcome.status, outcome.retry_after = r.status_code, r.headers.get("retry-after")
+            for chunk in r.iter_text():
+                outcome.text += chunk
+    except httpx.HTTPError as exc:
+        outcome.broken = f"{type(exc).__name__}: {exc}"
+    return outcome
+
+
+def _retryable(outcome: Outcome) -> bool:
+    """The engine restarted: a 503 with Retry-After, an SSE stream that ends with the retryable
+    error event, or a raw text stream (/generate's) broken off before its end."""
+    if outcome.status == 503:
+        error = json.loads(outcome.text)["error"]
+        return outcome.retry_after == "30" and error["type"] == "ServiceUnavailable"
+    if outcome.route == "/generate":
+        return outcome.status == 200 and outcome.broken is not None
+    if outcome.status != 200 or outcome.broken:
+        return False
+    return sse_payloads(outcome.text)[-1] == {"error": RESTARTED}
+
+
+def _complete(outcome: Outcome) -> bool:
+    if outcome.status != 200 or outcome.broken:
+        return False
+    if outcome.route == "/generate":
+        return bool(outcome.text)
+    payloads = sse_payloads(outcome.text)
+    return bool(payloads) and not any("error" in p for p in payloads)
 
 
 @pytest.mark.server
-def test_dead_engine_gives_503_then_a_new_engine_serves_in_the_same_worker(
+def test_engine_death_under_load_answers_retry_then_a_new_engine_serves_in_the_same_worker(
     own_server: ServerProcess,
 ) -> None:
     (worker,) = _children(own_server, "_bentoml_impl.worker.service")
     (core,) = _children(own_server, "EngineCore")
     with (
-        concurrent.futures.ThreadPoolExecutor(len(IN_FLIGHT)) as pool,
+        concurrent.futures.ThreadPoolExecutor(len(UNDER_LOAD)) as pool,
         httpx.Client(base_url=own_server.url, timeout=120, headers=AUTH) as client,
     ):
-        # A long request on each API is running when the engine core dies.
-        running = [
-            (streamed, pool.submit(client.post, route, json=body))
-            for route, body, streamed in IN_FLIGHT
-        ]
-        all_running = wait_for(lambda: in_flight(engine_gauges(client)) >= len(IN_FLIGHT), 60)
-        finished = [
-            route for (route, _, _), (_, f) in zip(IN_FLIGHT, running, strict=True) if f.done()
-        ]
+        running = [pool.submit(_sent, client, route, body) for route, body in UNDER_LOAD]
+        all_running = wait_for(lambda: in_flight(engine_gauges(client)) >= len(UNDER_LOAD), 120)
+        finished = [f.result().route for f in running if f.done()]
         assert all_running, f"not all in flight at once; finished already: {finished}"
         killed = time.monotonic()
         core.kill()
-        cut = [(streamed, future.result()) for streamed, future in running]
-    unclear = [
-        (r.request.url.path, r.status_code, r.text[-300:]) for s, r in cut if not _clear_error(s, r)
-    ]
+        cut = [future.result(timeout=60) for future in running]  # every one of them ends
+        ended = time.monotonic() - killed
+    unclear = [(o.route, o.status, o.broken, o.text[-300:]) for o in cut if not _retryable(o)]
     assert not unclear
+    assert {o.route for o in cut} == {route for route, _ in UNDER_LOAD}
     with httpx.Client(base_url=own_server.url, timeout=10, headers=AUTH) as client:
-        # The watchdog waits a few seconds before acting: the dead engine is seen meanwhile.
+        # New requests while the engine restarts: 503 with Retry-After on every API.
         assert wait_for(lambda: client.get("/readyz").status_code == 503, 30)
-        dead = client.post("/generate_full", json=PROBE)
-        assert dead.status_code == 503, dead.text
-        assert wait_for(lambda: client.get("/readyz").status_code == 200, 600)
+        refused = [_sent(client, route, body) for route, body in streams("Hi", 4)]
+        refused.append(_sent(client, "/generate_full", PROBE))
+        for outcome in refused:
+            assert outcome.status == 503 and outcome.retry_after == "30", outcome
+            assert "retry in 30 s" in json.loads(outcome.text)["error"]["message"], outcome
+        # The openai SDK retries a 503 (twice by default), waiting the Retry-After it names.
+        sdk = OpenAI(base_url=f"{own_server.url}/v1", api_key=API_KEY)
+        asked = time.monotonic()
+        answer = sdk.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
+        retried = time.monotonic() - asked
+        assert answer.choices[0].text and retried >= 30  # it waited: the first try got 503
+        assert client.get("/readyz").status_code == 200
         restart = time.monotonic() - killed
-    print(f"\nengine killed -> /readyz 200 again after {restart:.1f}s, in the same worker")
+    print(
+        f"\nengine killed under {len(UNDER_LOAD)} requests: all ended {ended:.2f}s later; "
+        f"the SDK's retried request completed {restart:.1f}s after the kill, same worker"
+    )
     assert worker.is_running()
     assert _children(own_server, "_bentoml_impl.worker.service") == [worker]
     (new_core,) = _children(own_server, "EngineCore")
@@ -612,8 +671,14 @@ def test_dead_engine_gives_503_then_a_new_engine_serves_in_the_same_worker(
     log = own_server.log_path.read_text()
     died = "engine core of profile 'cpu' died (exit code -9): starting a new engine in this worker"
     assert died in log
+    # After recovery: 16 streams (4 per API) complete, and the JSON routes answer.
+    with (
+        concurrent.futures.ThreadPoolExecutor(16) as pool,
+        httpx.Client(base_url=own_server.url, timeout=300, headers=AUTH) as client,
+    ):
+        after = list(pool.map(lambda rb: _sent(client, *rb), 4 * streams(COUNTING, 32)))
+    assert all(_complete(o) for o in after), [(o.route, o.status, o.text[-200:]) for o in after]
     assert_still_serving(own_server.url, AUTH)
-    # The OpenAI routes follow the new engine too.
     completion = httpx.post(
         f"{own_server.url}/v1/completions", json=_completion(), headers=AUTH, timeout=120
     )
