@@ -8,7 +8,7 @@ PROFILE ?= cpu
 PORT ?= 3000
 STAMP := $(VENV)/.installed-$(ACCEL)
 
-.PHONY: install model serve test lint check system-deps cpu-runtime
+.PHONY: install model serve test lint check system-deps cpu-runtime fuzz
 
 $(STAMP): requirements-$(ACCEL).txt requirements.txt requirements-model.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,16 @@ system-deps:
 
 test: lint check system-deps $(CPU_RUNTIME)
 	$(BIN)/python -m pytest
+
+# Both fuzzers (README, Fuzzing) with a random budget larger than CI's fixed one:
+# FUZZ_EXAMPLES per route (tests/test_fuzz_http.py, the cpu server) and per batch test
+# (tests/test_fuzz_sampling.py on FUZZ_PROFILE: cpu, cpu-adaptive or cpu-draft). Failing
+# examples are kept in FUZZ_DATABASE and replayed first by the next run.
+FUZZ_EXAMPLES ?= 150
+FUZZ_PROFILE ?= cpu
+FUZZ_DATABASE ?= .hypothesis/fuzz
+fuzz: model $(CPU_RUNTIME)
+	$(BIN)/pip install -q -r requirements-test.txt
+	BENTOSPEC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) BENTOSPEC_FUZZ_DATABASE=$(FUZZ_DATABASE) \
+	  $(BIN)/python -m pytest -p no:cacheprovider --hypothesis-show-statistics tests/test_fuzz_http.py \
+	  "tests/test_fuzz_sampling.py::test_every_generated_request_completes_or_names_its_field[$(FUZZ_PROFILE)]"

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
+from bentospec import vllm_api
 from bentospec.model_store import resolve_model
 from bentospec.profile import load_profile
 from tests.conftest import ServerProcess, fuzz_settings
@@ -46,10 +47,13 @@ JSON_SCHEMA = {
     "properties": {"days": {"type": "integer"}, "unit": {"enum": ["days", "weeks"]}},
     "required": ["days", "unit"],
 }
-#: Values the issue names, ``None`` for left out: greedy, tiny, typical and the largest
-#: temperature; top-k off, 1, small and the whole vocabulary (added per profile); top-p from
-#: tiny to 1; min-p mostly left out (refused with speculation unless greedy).
-temperatures = st.sampled_from([None, 0.0, 1e-5, 0.7, 2.0])
+#: ``None`` for left out. Temperature: greedy (0), and any value up to the largest, tiny ones
+#: included (vLLM samples at all of them, raising those below 0.01 to 0.01); top-k off, 1,
+#: small and the whole vocabulary (added per profile); top-p from tiny to 1; min-p mostly left
+#: out (refused with speculation unless greedy).
+temperatures = st.one_of(
+    st.none(), st.just(0.0), st.floats(1e-9, 1e-2), st.floats(1e-9, 2.0), st.just(2.0)
+)
 top_ps = st.sampled_from([None, 1.0, 1e-3, 0.5, 0.95])
 min_ps = st.sampled_from([None, None, None, 0.0, 0.05])
 penalties = st.floats(-2.0, 2.0).map(lambda x: round(x, 2))
@@ -118,8 +122,11 @@ def openai_calls(draw: st.DrawFn, vocab: int) -> Call:
     body |= draw(optional({**OTHER_SAMPLING_FIELDS, "n": st.integers(1, 3), "stop": stops}))
     if draw(st.booleans()):
         body["min_tokens"] = draw(st.integers(0, body["max_tokens"] + 4))
+    # Mostly left out, like min_p: always refused with speculation.
+    if (logit_bias := draw(st.sampled_from([None, None, None, {"13": 1.0}]))) is not None:
+        body["logit_bias"] = logit_bias  # a token id of every vocabulary
     refused = refusals("", body)
-    if body.get("n", 1) > 1 and body.get("temperature", 1.0) < 1e-5:
+    if body.get("n", 1) > 1 and vllm_api.greedy(body.get("temperature", 1.0)):
         refused.add("n")  # vLLM: copies of one greedy answer
     if body.get("min_tokens", 0) > body["max_tokens"]:
         refused.add("min_tokens")
@@ -187,11 +194,14 @@ def opea_calls(draw: st.DrawFn, profile: str, vocab: int) -> Call:
 
 def refusals(profile: str, body: dict[str, Any]) -> set[str]:
     """The README's rules: with speculation ``min_p`` is refused unless the request is greedy
-    (temperature < 1e-5; SmolLM2's generation config sets none, so 1.0 when left out), and
-    ``speculation: off`` needs the adaptive proposer."""
+    (vLLM's rule: temperature 0; SmolLM2's generation config sets none, so 1.0 when left out)
+    and ``logit_bias`` always; ``speculation: off`` needs the adaptive proposer."""
     refused = set()
-    if body.get("min_p", 0) > 0 and body.get("temperature", 1.0) >= 1e-5:
+    temperature = body.get("temperature", 1.0)
+    if vllm_api.applies_min_p(min_p=body.get("min_p", 0.0), temperature=temperature):
         refused.add("min_p")
+    if body.get("logit_bias"):
+        refused.add("logit_bias")
     if body.get("speculation") == "off" and profile != "cpu-adaptive":
         refused.add("speculation")
     return refused
