@@ -171,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     from bentospec import kubernetes, tune_cli
     from bentospec.bench import cli as bench_cli
+    from bentospec.bench import step_cost
 
     bench_cli.add_parser(sub)
+    step_cost.add_parser(sub)
     tune_cli.add_parser(sub)
     kubernetes.add_parser(sub)
     return parser

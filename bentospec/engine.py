@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Self, cast
 
 from bentospec import vllm_api
 from bentospec.cpu_runtime import (
@@ -111,6 +111,24 @@ class SpecEngine:
         # vLLM reads generation_config.json from disk on every call: once here, off the loop.
         self._generation_defaults = vllm_api.generation_defaults(llm)
         return llm
+
+    async def __aenter__(self) -> Self:
+        """``async with SpecEngine(profile) as engine``: started, and shut down on the way out."""
+        try:
+            await self.start()
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.shutdown()
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the running engine resolved (``float32``, ``bfloat16``): what ``auto``
+        became on this host."""
+        return vllm_api.model_dtype(self.llm)
 
     async def encode(self, prompt: str) -> list[int]:
         """Token ids of a raw prompt, as vLLM tokenizes one (special-token strings included)."""

@@ -77,6 +77,24 @@ def cpu_bf16_gemm() -> bool | None:
     return True
 
 
+def cpu_linear(weight: Any) -> Any:
+    """``x -> x @ weight.T`` by the GEMM vLLM's CPU linear layers pick for ``weight`` here
+    (``dispatch_cpu_unquantized_gemm``: oneDNN with a packed weight on x86, sgl-kernel for
+    small AMX weights, torch's linear as the fallback), for timing that path alone."""
+    import torch
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    return lambda x: layer.cpu_linear(x, layer.weight, None)
+
+
+def model_dtype(llm: AsyncLLM) -> str:
+    """The dtype the engine runs the target in (``torch.float32`` -> ``float32``)."""
+    return str(llm.vllm_config.model_config.dtype).removeprefix("torch.")
+
+
 def engine_errored(llm: AsyncLLM) -> bool:
     """Whether the engine-core process died (vLLM never restarts it)."""
     return bool(llm.errored)

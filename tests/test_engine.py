@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bentospec import vllm_api
+from bentospec.cpu_host import detect_cpu_host
 from bentospec.dataset import load_cases, render_cases
 from bentospec.engine import EngineStatus, SpecEngine
 from bentospec.generation import RequestRejected, generate_full, stream_text, tokenized
@@ -29,6 +30,9 @@ def rag_prompt(engine: SpecEngine, index: int = 0) -> tuple[str, str]:
 def test_engine_is_ready(cpu_engine: SpecEngine) -> None:
     assert cpu_engine.status is EngineStatus.READY
     assert cpu_engine.exit_code() is None  # vLLM's engine-core process, still running
+    # What `dtype: auto` resolved to here: float32 on AVX2-only CPUs, vLLM's bf16 elsewhere.
+    expected = "float32" if detect_cpu_host().host_class == "avx2" else "bfloat16"
+    assert cpu_engine.dtype == expected
 
 
 def test_engine_core_runs_vllms_prescribed_cpu_runtime(cpu_engine: SpecEngine) -> None:

@@ -101,6 +101,16 @@ def test_the_bf16_probe_predicts_vllms_cpu_gemm_dispatch() -> None:
     assert vllm_api.cpu_bf16_gemm() is uses_onednn
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_linear_is_the_product_vllms_layers_compute(dtype: torch.dtype) -> None:
+    weight = torch.randn(48, 64, dtype=dtype)
+    x = torch.randn(6, 64, dtype=dtype)
+    expected = torch.nn.functional.linear(x.float(), weight.float())
+    torch.testing.assert_close(
+        vllm_api.cpu_linear(weight)(x).float(), expected, rtol=2e-2, atol=0.3
+    )
+
+
 def test_engine_core_side_names_exist() -> None:
     assert vllm_api.is_cpu_platform()
     assert callable(vllm_api.cpu_kernel_fallbacks()._expand_kernel_impl)
