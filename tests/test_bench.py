@@ -470,7 +470,12 @@ def test_targets_of_each_mode() -> None:
     (target,) = [
         t for t in runner.bench_targets(BenchSettings(peer=True)) if t.config.via == "vllm"
     ]
-    assert target.setup["engine_args"]["speculative_config"]["num_speculative_tokens"] == 5
+    spec = load_profile("cpu").speculative
+    assert spec is not None
+    assert (
+        target.setup["engine_args"]["speculative_config"]["num_speculative_tokens"]
+        == spec.num_speculative_tokens
+    )
 
 
 def test_rounds_alternate_the_order() -> None:
