@@ -39,6 +39,8 @@ REQUEST_STEP_DRAFTS = "per_step_drafted"
 #: The engine's generated-tokens counter (Prometheus name without ``_total``).
 GENERATION_TOKENS = "vllm:generation_tokens"
 REQUESTS_RUNNING = "vllm:num_requests_running"
+#: Histogram of tokens per engine step: its count is the number of steps.
+ITERATION_TOKENS = "vllm:iteration_tokens_total"
 REQUESTS_WAITING = "vllm:num_requests_waiting"
 
 
@@ -203,6 +205,18 @@ def counter_samples() -> list[tuple[str, float]]:
     from vllm.v1.metrics.reader import Counter, get_metrics_snapshot
 
     return [(m.name, m.value) for m in get_metrics_snapshot() if isinstance(m, Counter)]
+
+
+def engine_step_count() -> int:
+    """Engine steps this process's in-process engine has run (the count of vLLM's
+    ``vllm:iteration_tokens_total`` histogram, one observation per step's outputs)."""
+    from vllm.v1.metrics.reader import Histogram, get_metrics_snapshot
+
+    return sum(
+        m.count
+        for m in get_metrics_snapshot()
+        if isinstance(m, Histogram) and m.name == ITERATION_TOKENS
+    )
 
 
 # --- OpenAI serving layer ----------------------------------------------------------------

@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from bentospec import vllm_api
 from bentospec.bench.cli import int_list
 from bentospec.bench.render import markdown_table
 from bentospec.cpu_host import CpuHost, detect_cpu_host
+from bentospec.cpu_runtime import engine_core_environment, preload_environment
 from bentospec.engine import SpecEngine
 from bentospec.model_store import resolve_model
 from bentospec.profile import Profile, SpeculativeSpec, load_profile
@@ -129,35 +132,43 @@ def read_bandwidth_gb_s() -> float:
     return data.numel() * 4 / (ms / 1000) / 1e9
 
 
-async def engine_step(engine: SpecEngine, batch: int, max_tokens: int) -> StepCost:
-    """Decoding ms per step with ``batch`` requests in lockstep, and the tokens it verified."""
+async def _run_batch(
+    engine: SpecEngine, batch: int, max_tokens: int, run: str
+) -> tuple[float, int, float]:
+    """Seconds, engine steps and draft tokens of ``batch`` requests started together, each
+    with its own prompt (``run`` keeps prefix caching from serving an earlier run's prefill)."""
     params = vllm_api.sampling_params(
-        stream=True, temperature=0.0, max_tokens=max_tokens, ignore_eos=True
+        stream=False, temperature=0.0, max_tokens=max_tokens, ignore_eos=True
     )
 
-    async def one() -> tuple[float, int, int]:
-        """(seconds per decoding step, steps, draft tokens verified): a delta output per step."""
-        arrivals: list[float] = []
-        drafted = 0
-        async for output in engine.generate(REPEATING_PROMPT, params):
-            if output.outputs and output.outputs[0].token_ids:
-                arrivals.append(time.perf_counter())
-            if output.finished:
-                summary = vllm_api.request_spec_summary(output)
-                drafted = int(summary.get(vllm_api.REQUEST_DRAFT_TOKENS, 0))
-        steps = len(arrivals) - 1  # the first output is the prefill's
-        return (arrivals[-1] - arrivals[0]) / max(steps, 1), steps, drafted
+    async def one(i: int) -> None:
+        async for _ in engine.generate(f"{run}-{i}: {REPEATING_PROMPT}", params):
+            pass
 
-    results = await asyncio.gather(*(one() for _ in range(batch)))
-    step_s = statistics.median(r[0] for r in results)
-    steps = sum(r[1] for r in results)
-    drafted = sum(r[2] for r in results)
+    steps, drafts = vllm_api.engine_step_count(), _draft_tokens()
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(batch)))
+    elapsed = time.perf_counter() - start
+    await asyncio.sleep(0.5)  # vLLM records a step's stats after its outputs went out
+    return elapsed, vllm_api.engine_step_count() - steps, _draft_tokens() - drafts
+
+
+def _draft_tokens() -> float:
+    return sum(v for name, v in vllm_api.counter_samples() if name == vllm_api.DRAFT_TOKENS)
+
+
+async def engine_step(engine: SpecEngine, batch: int, max_tokens: int) -> StepCost:
+    """Decoding ms per step with ``batch`` requests in lockstep, and the tokens it verified:
+    a run of ``max_tokens`` less a run of one token (the prefill), both counted in steps."""
+    prefill_s, prefill_steps, _ = await _run_batch(engine, batch, 1, f"p{batch}")
+    total_s, total_steps, drafted = await _run_batch(engine, batch, max_tokens, f"d{batch}")
+    steps = max(total_steps - prefill_steps, 1)
     spec = engine.profile.speculative
     return StepCost(
         batch=batch,
         k=spec.num_speculative_tokens if spec else 0,
-        tokens_per_step=batch * (1 + drafted / max(steps, 1)),
-        step_ms=step_s * 1000,
+        tokens_per_step=batch + drafted / steps,
+        step_ms=(total_s - prefill_s) / steps * 1000,
     )
 
 
@@ -198,7 +209,12 @@ def measure(
         steps += found
     rows = sorted({round(s.tokens_per_step) for s in steps})
     weights = sum(n * k for n, k in shapes) * (4 if dtype == "float32" else 2)
-    bandwidth = read_bandwidth_gb_s()
+    # In a fresh process with the engine core's OpenMP and allocator: this one's torch has
+    # had vLLM's frontend settings applied, and GNU OpenMP where the engine core has Intel's.
+    spawn = multiprocessing.get_context("spawn")
+    with engine_core_environment(preload_environment()), ProcessPoolExecutor(1, spawn) as pool:
+        gemm = pool.submit(gemm_costs, shapes, dtype, rows, (1, 2)).result()
+        bandwidth = pool.submit(read_bandwidth_gb_s).result()
     return StepCostReport(
         cpu=detect_cpu_host(),
         profile=profile.name,
@@ -206,7 +222,7 @@ def measure(
         weights_mb=weights / 1e6,
         read_gb_s=bandwidth,
         memory_bound_ms=weights / (bandwidth * 1e9) * 1000,
-        gemm=gemm_costs(shapes, dtype, rows, (1, 2)),
+        gemm=gemm,
         steps=steps,
     )
 
