@@ -63,13 +63,10 @@ def _profiles_show(args: argparse.Namespace) -> int:
     if profile.hardware.accelerator == "cpu":
         # What this host resolved, on stderr so that stdout stays the engine arguments' JSON.
         host, spec = detect_cpu_host(), profile.speculative
-        schedule = (
-            "none"
-            if spec is None
-            else f"host_schedules.{host.host_class}"
-            if host.host_class in (spec.host_schedules or {})
-            else "the default"
-        )
+        schedule = "none"
+        if spec is not None:
+            own = host.host_class in (spec.host_schedules or {})
+            schedule = f"host_schedules.{host.host_class}" if own else "the default"
         print(
             f"# this CPU: {host.model}, class {host.host_class}: dtype {kwargs['dtype']}, "
             f"speculation schedule {schedule}",
