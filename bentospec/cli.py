@@ -60,15 +60,15 @@ def _profiles_list(_: argparse.Namespace) -> int:
 def _profiles_show(args: argparse.Namespace) -> int:
     profile = load_profile(args.name)
     kwargs = engine_kwargs(profile)
-    if profile.hardware.accelerator == "cpu":
+    if (host_class := profile.hardware.host_class()) is not None:
         # What this host resolved, on stderr so that stdout stays the engine arguments' JSON.
-        host, spec = detect_cpu_host(), profile.speculative
+        spec = profile.speculative
         schedule = "none"
         if spec is not None:
-            own = host.host_class in (spec.host_schedules or {})
-            schedule = f"host_schedules.{host.host_class}" if own else "the default"
+            own = host_class in (spec.host_schedules or {})
+            schedule = f"host_schedules.{host_class}" if own else "the default"
         print(
-            f"# this CPU: {host.model}, class {host.host_class}: dtype {kwargs['dtype']}, "
+            f"# this CPU: {detect_cpu_host().model}, class {host_class}: dtype {kwargs['dtype']}, "
             f"speculation schedule {schedule}",
             file=sys.stderr,
         )

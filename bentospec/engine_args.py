@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from bentospec import hardware, vllm_api
 from bentospec.adaptive import CONFIG_KEY, PROPOSER_CLASS, AdaptiveSettings
-from bentospec.cpu_host import HostClass, detect_cpu_host
+from bentospec.cpu_host import HostClass
 from bentospec.profile import Profile, SpeculativeSpec
 
 if TYPE_CHECKING:
@@ -80,10 +80,7 @@ def engine_kwargs(
     if profile.openai.reasoning_parser is not None:
         # As `vllm serve --reasoning-parser`: structured output starts after the thinking.
         kwargs["reasoning_parser"] = profile.openai.reasoning_parser
-    cpu = profile.hardware.accelerator == "cpu"
-    spec = speculative_config(
-        profile.speculative, draft_model, detect_cpu_host().host_class if cpu else None
-    )
+    spec = speculative_config(profile.speculative, draft_model, profile.hardware.host_class())
     if spec is not None:
         kwargs["speculative_config"] = spec
     if profile.speculative is not None and profile.speculative.step_cost is not None:

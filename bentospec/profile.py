@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bentospec.cpu_host import HostClass
+from bentospec.cpu_host import HostClass, detect_cpu_host
 
 #: Where the profile catalogue lives; ``BENTOSPEC_CONFIG_DIR`` overrides it (tests, custom
 #: catalogues).
@@ -73,6 +73,11 @@ class HardwareSpec(_Strict):
     gpu_type: str | None = None
     #: Substrings of the CUDA device name this profile fits (``"L4"``, ``"H100"``).
     gpu_names: tuple[str, ...] = ()
+
+    def host_class(self) -> HostClass | None:
+        """The class of this machine's CPU for a CPU profile (it picks the speculation
+        schedule, :meth:`SpeculativeSpec.schedule_for`); ``None`` for a GPU profile."""
+        return detect_cpu_host().host_class if self.accelerator == "cpu" else None
 
     def bento_resources(self) -> dict[str, Any]:
         """``@bentoml.service(resources=...)`` for this hardware (what BentoCloud schedules on)."""

@@ -17,7 +17,6 @@ from bentospec.bench import cli as bench_cli
 from bentospec.bench.render import describe
 from bentospec.bench.results import BenchSettings
 from bentospec.bench.runner import engine_target, plan, run_targets
-from bentospec.cpu_host import detect_cpu_host
 from bentospec.profile import load_profile, profile_path, profile_yaml
 from bentospec.tune import (
     DEFAULT_CONCURRENCY,
@@ -159,10 +158,9 @@ def run(args: argparse.Namespace) -> int:
     )
     choice = choose(tuning.rows, profile.engine.max_num_seqs, workload)
     speculative = choice.speculative
-    if profile.hardware.accelerator == "cpu":
-        host = detect_cpu_host()
+    if (host_class := profile.hardware.host_class()) is not None:
         speculative = for_host_class(
-            profile.speculative, speculative, host.host_class, profile.engine.max_num_seqs
+            profile.speculative, speculative, host_class, profile.engine.max_num_seqs
         )
     tuned = profile.with_speculative(speculative).model_copy(
         update={

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from bentospec import vllm_api
-from bentospec.cpu_host import detect_cpu_host
 from bentospec.dataset import load_cases, render_cases
 from bentospec.engine import EngineStatus, SpecEngine
 from bentospec.generation import RequestRejected, generate_full, stream_text, tokenized
+from bentospec.hardware import engine_dtype
 from bentospec.metrics import engine_counters
 from bentospec.profile import load_profile
 from bentospec.schemas import SamplingOptions
@@ -30,8 +30,8 @@ def rag_prompt(engine: SpecEngine, index: int = 0) -> tuple[str, str]:
 def test_engine_is_ready(cpu_engine: SpecEngine) -> None:
     assert cpu_engine.status is EngineStatus.READY
     assert cpu_engine.exit_code() is None  # vLLM's engine-core process, still running
-    # What `dtype: auto` resolved to here: float32 on AVX2-only CPUs, vLLM's bf16 elsewhere.
-    expected = "float32" if detect_cpu_host().host_class == "avx2" else "bfloat16"
+    # What `dtype: auto` resolved to here: float32 where engine_dtype says so, else vLLM's bf16.
+    expected = "float32" if engine_dtype(cpu_engine.profile) == "float32" else "bfloat16"
     assert cpu_engine.dtype == expected
 
 

@@ -53,7 +53,7 @@ def token_problems(rows: Sequence[BenchRow], dtypes: Mapping[str, str] | None = 
     requests. ``dtypes`` maps ``"label via via"`` to the dtype its engine ran; a group with any
     other dtype is reported by :func:`greedy_agreement` instead."""
     problems = [
-        f"{r.label} via {r.via}, {r.workload}, concurrency {r.concurrency}, round {r.round}: "
+        f"{r.key}, {r.workload}, concurrency {r.concurrency}, round {r.round}: "
         f"responses carried {r.output_tokens} tokens, the engine counted {r.counter_tokens}"
         for r in rows
         if r.counter_tokens != r.output_tokens
@@ -61,7 +61,7 @@ def token_problems(rows: Sequence[BenchRow], dtypes: Mapping[str, str] | None = 
     for (_, level, rnd), group in greedy_groups(rows).items():
         if not _exact(group, dtypes):
             continue
-        totals = {f"{r.label} via {r.via}": r.output_tokens for r in group}
+        totals = {r.key: r.output_tokens for r in group}
         if len(set(totals.values())) > 1:
             differing = _differing_prompts(group)
             problems.append(
@@ -73,9 +73,7 @@ def token_problems(rows: Sequence[BenchRow], dtypes: Mapping[str, str] | None = 
 
 def _exact(group: Sequence[BenchRow], dtypes: Mapping[str, str] | None) -> bool:
     """Whether every config of ``group`` ran float32 (unknown dtypes count as float32)."""
-    return all(
-        (dtypes or {}).get(f"{r.label} via {r.via}", EXACT_DTYPE) == EXACT_DTYPE for r in group
-    )
+    return all((dtypes or {}).get(r.key, EXACT_DTYPE) == EXACT_DTYPE for r in group)
 
 
 def greedy_agreement(
@@ -100,7 +98,7 @@ def greedy_agreement(
             differing = [p for p in parts if p is not None]
             found.append(
                 GreedyAgreement(
-                    config=f"{row.label} via {row.via}",
+                    config=row.key,
                     concurrency=level,
                     round=rnd,
                     identical=len(parts) - len(differing),

@@ -133,7 +133,7 @@ def ratios_table(ratios: Sequence[ViaRatio]) -> str:
 def _runtimes(rows: Sequence[BenchRow]) -> list[str]:
     """One line naming each config's engine-core OpenMP library and allocator, if known."""
     seen = {
-        f"{r.label} via {r.via}": f"{r.runtime.openmp or 'no OpenMP'} + {r.runtime.allocator}"
+        r.key: f"{r.runtime.openmp or 'no OpenMP'} + {r.runtime.allocator}"
         for r in rows
         if r.runtime is not None
     }

@@ -59,6 +59,11 @@ class ConfigId(BaseModel):
     def label(self) -> str:
         return f"{self.config} [{self.variant}]" if self.variant else self.config
 
+    @property
+    def key(self) -> str:
+        """``"label via via"``: how a report names the config (:attr:`BenchReport.configs`)."""
+        return f"{self.label} via {self.via}"
+
 
 class RequestCount(BaseModel):
     """What one request generated: its prompt, its token count and a digest of the tokens."""
@@ -239,7 +244,7 @@ def target_checks(stats: Sequence[ConfigStats], ratios: Sequence[ViaRatio]) -> l
     checks = [
         TargetCheck(
             target=f"tokens/s vs no-spec at concurrency {s.concurrency}",
-            config=s.label if s.via == "engine" else f"{s.label} via {s.via}",
+            config=s.label if s.via == "engine" else s.key,
             measured=s.speedup,
             threshold=SPEEDUP_TARGETS[s.concurrency],
         )

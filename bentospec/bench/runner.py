@@ -256,7 +256,7 @@ async def _measure_open(
     progress: tqdm,
 ) -> list[BenchRow]:
     """Every workload and level of one target in one round."""
-    name = f"round {round_} {target.config.label} via {target.config.via}"
+    name = f"round {round_} {target.config.key}"
     rows: list[BenchRow] = []
     before = await settle(client)
     for workload in workloads:
@@ -400,7 +400,7 @@ async def run_targets(
             settings=settings,
             prompt_ids=[c.id for c in cases],
             provenance=start.model_copy(update={"load_avg_end": os.getloadavg()}),
-            configs={f"{t.config.label} via {t.config.via}": t.setup for t in targets},
+            configs={t.config.key: t.setup for t in targets},
             started_at=started,
             finished_at=datetime.now(UTC),
             rows=rows,

@@ -230,19 +230,21 @@ def measure(
 def render(report: StepCostReport) -> str:
     gemm = {(g.rows, g.threads): g.ms for g in report.gemm}
     plain = {s.batch: s.step_ms for s in report.steps if s.k == 0}
-    cells = [
-        [
-            str(s.batch),
-            str(s.k),
-            f"{s.tokens_per_step:.1f}",
-            f"{s.step_ms:.1f}",
-            f"{s.step_ms / plain[s.batch]:.2f}" if s.batch in plain else "-",
-            f"{gemm[(round(s.tokens_per_step), 1)]:.1f}",
-            f"{s.step_ms - gemm[(round(s.tokens_per_step), 1)]:.1f}",
-            f"{gemm[(round(s.tokens_per_step), 2)]:.1f}",
-        ]
-        for s in report.steps
-    ]
+    cells = []
+    for s in report.steps:
+        rows = round(s.tokens_per_step)
+        cells.append(
+            [
+                str(s.batch),
+                str(s.k),
+                f"{s.tokens_per_step:.1f}",
+                f"{s.step_ms:.1f}",
+                f"{s.step_ms / plain[s.batch]:.2f}" if s.batch in plain else "-",
+                f"{gemm[(rows, 1)]:.1f}",
+                f"{s.step_ms - gemm[(rows, 1)]:.1f}",
+                f"{gemm[(rows, 2)]:.1f}",
+            ]
+        )
     head = (
         f"{report.cpu.model} (class {report.cpu.host_class}), {report.dtype}, profile "
         f"{report.profile}: linear weights {report.weights_mb:.0f} MB, one thread reads "
