@@ -99,13 +99,23 @@ async def _engine_failed(request: Request, exc: Exception) -> JSONResponse:
     return engine_failed(request.app.state.bentospec_engine, exc)
 
 
+#: Fields whose JSON type vLLM 0.32 does not check before using them, with the types it needs:
+#: a ``messages`` that is neither a list nor OPEA's one string gets "'int' object is not
+#: iterable", a ``structured_outputs`` that is not an object "'int' object has no attribute
+#: 'get'", both as 500s.
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "messages": ((str, list), "a list of messages or one string"),
+    "structured_outputs": ((dict, type(None)), "an object (choice, regex, json, grammar, ...)"),
+}
+
+
 async def _refused(request: Request, engine: SpecEngine) -> JSONResponse | None:
     """400 naming the field for what vLLM would run anyway or refuse without naming it.
 
     ``n`` beyond the profile's ``max_num_seqs`` would fill the batch with one request's copies
-    and queue everyone else; a ``messages`` that is neither a list nor OPEA's one string gets
-    "'int' object is not iterable" from vLLM; sampling that speculation cannot honour is
-    refused by vLLM only once a stream has started (:func:`check_sampling`).
+    and queue everyone else; fields of :data:`_FIELD_TYPES` of another JSON type crash vLLM's
+    request parsing (a 500); sampling that speculation cannot honour is refused by vLLM only
+    once a stream has started (:func:`check_sampling`).
     """
     try:
         body = await request.json()
@@ -119,8 +129,9 @@ async def _refused(request: Request, engine: SpecEngine) -> JSONResponse | None:
             raise RequestRejected(
                 "n", f"n must be at most {limit} (the profile's max_num_seqs), got {n}"
             )
-        if "messages" in body and not isinstance(body["messages"], str | list):
-            raise RequestRejected("messages", "must be a list of messages or one string")
+        for field, (types, expected) in _FIELD_TYPES.items():
+            if field in body and not isinstance(body[field], types):
+                raise RequestRejected(field, f"must be {expected}")
         min_p, temperature = body.get("min_p") or 0.0, body.get("temperature")
         if isinstance(min_p, int | float) and isinstance(temperature, int | float | None):
             # Other types: vLLM's request model names the field.

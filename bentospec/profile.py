@@ -333,6 +333,17 @@ class Profile(_Strict):
         """The same profile with speculation off: the baseline for speedup and lossless checks."""
         return self.model_copy(update={"speculative": None})
 
+    def drafting_at_every_batch_size(self) -> Profile:
+        """The same profile with its batch-size schedules removed, so that its method drafts k
+        tokens whatever the batch: the lossless checks verify the method, and they run many
+        requests at once, where a schedule may turn drafting off (k=0 from batch 9 on AVX2)."""
+        if self.speculative is None:
+            return self
+        spec = self.speculative.model_copy(
+            update={"num_speculative_tokens_per_batch_size": None, "host_schedules": None}
+        )
+        return self.with_speculative(spec)
+
     def with_engine(self, **changes: Any) -> Profile:
         """A copy with some engine arguments changed (validated like the file would be)."""
         engine = EngineSpec.model_validate({**self.engine.model_dump(), **changes})

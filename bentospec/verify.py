@@ -106,7 +106,7 @@ async def verify(
     """Compare ``profile`` with and without speculation on ``prompts``, in ``dtype``."""
     if profile.speculative is None:
         raise ValueError(f"profile {profile.name!r} has no speculation to verify")
-    speculative = profile.with_engine(dtype=dtype)
+    speculative = profile.drafting_at_every_batch_size().with_engine(dtype=dtype)
     logger.info("verify %s: baseline run (no speculation, %s)", profile.name, dtype)
     baseline = await run_profile(speculative.without_speculation(), prompts, max_tokens)
     logger.info("verify %s: speculative run (%s)", profile.name, profile.speculative.method)
@@ -239,7 +239,7 @@ async def verify_sampling(
     """
     if profile.speculative is None:
         raise ValueError(f"profile {profile.name!r} has no speculation to verify")
-    speculative = profile.with_engine(dtype=dtype)
+    speculative = profile.drafting_at_every_batch_size().with_engine(dtype=dtype)
     options = SamplingOptions(temperature=temperature, max_tokens=positions.stop - 1)
     runs: list[list[list[int]]] = []
     used = SpecCounters()

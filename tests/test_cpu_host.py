@@ -165,3 +165,12 @@ def test_profiles_show_names_the_class_dtype_and_schedule_here() -> None:
     assert kwargs["speculative_config"].get("num_speculative_tokens_per_batch_size") == (
         None if schedule is None else [list(step) for step in schedule]
     )
+
+
+def test_lossless_checks_draft_at_every_batch_size() -> None:
+    cpu = load_profile("cpu")
+    drafting = cpu.drafting_at_every_batch_size()
+    assert drafting.speculative is not None and cpu.speculative is not None
+    assert drafting.speculative.schedule_for(detect_cpu_host().host_class) is None
+    assert drafting.speculative.num_speculative_tokens == cpu.speculative.num_speculative_tokens
+    assert load_profile("cpu-nospec").drafting_at_every_batch_size().speculative is None

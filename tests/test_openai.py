@@ -244,6 +244,25 @@ def test_responses_replaying_an_assistant_refusal_or_empty_message_completes(
     assert response.status in ("completed", "incomplete") and response.output_text, response
 
 
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/chat/completions", "messages", 5),
+        ("/v1/chat/completions", "structured_outputs", 1309),
+        ("/v1/completions", "structured_outputs", [1]),
+    ],
+)
+def test_fields_of_a_type_vllm_crashes_on_are_400s_naming_them(
+    server: ServerProcess, path: str, field: str, value: object
+) -> None:
+    """Found by the OpenAPI fuzzer: vLLM answered these with a 500."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    body = {"model": MODEL, "max_tokens": 4, **(chat if "chat" in path else {"prompt": "Hi"})}
+    response = httpx.post(f"{server.url}{path}", json={**body, field: value}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == field
+
+
 def test_tokenize_and_detokenize_round_trip(server: ServerProcess) -> None:
     text = "The capital of France is Paris."
     with httpx.Client(base_url=server.url, timeout=60) as client:

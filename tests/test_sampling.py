@@ -30,6 +30,16 @@ POSITIONS = range(2, 7)
 
 
 @pytest.fixture(scope="module")
+def drafting_engine(loop: LoopThread, cpu_engine: SpecEngine) -> Iterator[SpecEngine]:
+    """The ``cpu`` profile drafting at every batch size (``bentospec verify``'s profile): the
+    400 samples run at once, where the profile's schedule may not draft."""
+    engine = SpecEngine(cpu_engine.profile.drafting_at_every_batch_size())
+    loop.run(engine.start())
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
 def nospec_engine(loop: LoopThread, cpu_engine: SpecEngine) -> Iterator[SpecEngine]:
     """The ``cpu`` profile without speculation, in float32 like ``cpu_engine``."""
     engine = SpecEngine(cpu_engine.profile.without_speculation())
@@ -46,11 +56,11 @@ def test_homogeneity_accepts_one_distribution_and_rejects_another() -> None:
 
 
 def test_sampled_tokens_follow_the_same_distribution_with_speculation(
-    loop: LoopThread, cpu_engine: SpecEngine, nospec_engine: SpecEngine
+    loop: LoopThread, drafting_engine: SpecEngine, nospec_engine: SpecEngine
 ) -> None:
     options = SamplingOptions(temperature=1.0, max_tokens=POSITIONS.stop - 1)
     baseline, _ = loop.run(sample_tokens(nospec_engine, SAMPLING_PROMPT, SAMPLES, options))
-    spec, used = loop.run(sample_tokens(cpu_engine, SAMPLING_PROMPT, SAMPLES, options))
+    spec, used = loop.run(sample_tokens(drafting_engine, SAMPLING_PROMPT, SAMPLES, options))
     # Drafts were verified (and some accepted), so the rejection sampler decided these tokens.
     assert used.draft_tokens > SAMPLES and used.accepted_tokens > 0
     checks = [homogeneity(p, positions_of(baseline, p), positions_of(spec, p)) for p in POSITIONS]

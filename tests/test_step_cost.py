@@ -34,7 +34,7 @@ def test_linear_shapes_hold_the_targets_weights() -> None:
 def test_step_costs_measure_plain_and_speculative_steps(tmp_path: Path) -> None:
     command = [
         *(sys.executable, "-m", "bentospec.cli", "step-costs", "--k", "3"),
-        *("--batch", "1,2", "--max-tokens", "12", "--out", str(tmp_path)),
+        *("--batch", "1,2", "--max-tokens", "32", "--out", str(tmp_path)),
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -13,6 +13,7 @@ import pytest
 
 from bentospec import tune, tune_cli
 from bentospec.bench.results import NO_SPEC, BenchRow
+from bentospec.cpu_host import HOST_CLASSES
 from bentospec.dataset import load_cases
 from bentospec.profile import SpeculativeSpec, load_profile, load_profile_file, profile_yaml
 from tests.test_bench import make_row
@@ -248,10 +249,17 @@ def test_tune_command_tunes_then_validates_on_other_prompts(tmp_path: Path) -> N
     cpu = load_profile("cpu")
     assert (tuned.name, tuned.model, tuned.engine) == ("cpu-tuned", cpu.model, cpu.engine)
     if tuned.speculative is not None:
+        # Measured here: this CPU class's schedule, k=3 at most; other classes keep cpu's.
         assert tuned.speculative.method == "ngram"
-        assert tuned.speculative.num_speculative_tokens == 3
-        steps = tuned.speculative.num_speculative_tokens_per_batch_size
+        host_class = cpu.hardware.host_class()
+        steps = tuned.speculative.schedule_for(host_class)
         assert steps is not None and steps[0][0] == 1 and steps[-1][1] == cpu.engine.max_num_seqs
+        assert max(k for _, _, k in steps) <= 3 < tuned.speculative.num_speculative_tokens
+        assert cpu.speculative is not None
+        others = [c for c in HOST_CLASSES if c != host_class]
+        assert all(
+            tuned.speculative.schedule_for(c) == cpu.speculative.schedule_for(c) for c in others
+        )
     report = json.loads(out.with_suffix(".json").read_text())
     tuning_ids, validation_ids = report["tuning"]["prompt_ids"], report["validation"]["prompt_ids"]
     assert len(tuning_ids) == len(validation_ids) == 2
