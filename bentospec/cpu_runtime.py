@@ -9,6 +9,13 @@ vLLM spawns the engine core (its CPU platform forces ``spawn``) with the environ
 moment, so a preload set just while the engine starts reaches the engine core only: the API
 process, which runs the tokenizers and the HTTP server on the other core, keeps its own
 runtime. ``BENTOSPEC_CPU_PRELOAD=off`` leaves the choice to vLLM (the benchmark's A/B).
+
+Where it runs: vLLM binds its CPU worker's threads to ``VLLM_CPU_OMP_THREADS_BIND`` and
+*reserves* the other cores "for the scheduler process", but binds nothing to them. The engine
+core then spins on its shared-memory queue (``sched_yield`` for a second after each message)
+wherever the kernel puts it, the API process too, and both take turns on the worker's core.
+:func:`confine_to_reserved` binds them to the reserved cores; ``BENTOSPEC_CPU_RESERVED_BIND=off``
+leaves them unbound (the benchmark's A/B).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import psutil  # a dependency of vLLM
 from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
@@ -34,13 +42,21 @@ _IOMP = Path(sys.prefix) / "lib" / "libiomp5.so"
 _TCMALLOC = "tcmalloc_minimal"
 
 
+RESERVED_BIND_ENV = "BENTOSPEC_CPU_RESERVED_BIND"
+"""``on`` (default): the engine core and the API process run on the cores vLLM's CPU worker is
+not bound to; ``off``: wherever the kernel puts them."""
+
+
 class LoadedRuntime(BaseModel):
-    """The OpenMP library and allocator mapped into a process (from ``/proc/PID/maps``)."""
+    """The OpenMP library and allocator mapped into a process (from ``/proc/PID/maps``), and
+    the cores it may run on."""
 
     #: ``libiomp5.so`` (Intel), ``libgomp.so.1`` (GNU, PyTorch's), or ``None``.
     openmp: str | None
     #: ``libtcmalloc_minimal.so.4``, or ``glibc`` when no other malloc is mapped.
     allocator: str
+    #: The process's CPU affinity (its main thread's), ``None`` where it cannot be read.
+    cpus: list[int] | None = None
 
 
 def prescribed_preload() -> list[str]:
@@ -92,22 +108,62 @@ def loaded_runtime(pid: int) -> LoadedRuntime | None:
     def first(prefix: str) -> str | None:
         return next((lib for lib in sorted(libraries) if lib.startswith(prefix)), None)
 
+    try:
+        cpus: list[int] | None = sorted(os.sched_getaffinity(pid))
+    except OSError:
+        cpus = None
     return LoadedRuntime(
         openmp=first("libiomp") or first("libgomp"),
         allocator=first("libtcmalloc") or first("libjemalloc") or "glibc",
+        cpus=cpus,
     )
 
 
+def _bind_threads(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` to ``cpus``; the threads it starts later inherit the mask."""
+    for thread in psutil.Process(pid).threads():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(thread.id, cpus)
+
+
+def worker_cpus(engine_core: int) -> set[int]:
+    """The cores vLLM bound the engine core's workers (its child processes) to."""
+    cpus: set[int] = set()
+    for worker in psutil.Process(engine_core).children():
+        with contextlib.suppress(psutil.Error, OSError):
+            cpus.update(*(os.sched_getaffinity(t.id) for t in worker.threads()))
+    return cpus
+
+
+def confine_to_reserved(
+    engine_core: int, environ: Mapping[str, str] = os.environ
+) -> set[int] | None:
+    """Bind the engine core and this (API) process to the cores vLLM reserved: those no
+    worker is bound to. Returns them, or ``None`` (both then unbound: any core the kernel
+    allows) when switched off or when ``VLLM_CPU_OMP_THREADS_BIND`` gave the worker every
+    core. Unbinding explicitly keeps one process that starts several engines (the benchmark,
+    ``tune``) from carrying one engine's binding into the next."""
+    every = set(range(os.cpu_count() or 1))  # the kernel narrows this to the cgroup's cpuset
+    off = environ.get(RESERVED_BIND_ENV, "on") == "off"
+    reserved = set() if off else every - worker_cpus(engine_core)
+    for pid in (engine_core, os.getpid()):
+        _bind_threads(pid, reserved or every)
+    return reserved or None
+
+
 def log_runtime(pid: int | None) -> LoadedRuntime | None:
-    """Log the engine core's OpenMP library and allocator, and return them."""
+    """Log the engine core's OpenMP library, allocator and cores, and return them."""
     runtime = loaded_runtime(pid) if pid is not None else None
     if runtime is not None:
         logger.info(
-            "engine core (pid %d) runs with OpenMP %s and allocator %s (%s=%s)",
+            "engine core (pid %d) runs with OpenMP %s and allocator %s on cores %s (%s=%s, %s=%s)",
             pid,
             runtime.openmp or "none",
             runtime.allocator,
+            runtime.cpus,
             PRELOAD_ENV,
             os.environ.get(PRELOAD_ENV, "auto"),
+            RESERVED_BIND_ENV,
+            os.environ.get(RESERVED_BIND_ENV, "on"),
         )
     return runtime

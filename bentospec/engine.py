@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Self, cast
 from bentospec import vllm_api
 from bentospec.cpu_runtime import (
     LoadedRuntime,
+    confine_to_reserved,
     engine_core_environment,
     log_runtime,
     preload_environment,
@@ -105,8 +106,10 @@ class SpecEngine:
         cpu = self.profile.hardware.accelerator == "cpu"
         with engine_core_environment(preload_environment() if cpu else {}):
             llm = vllm_api.start_engine(args)
-        if cpu:
-            self.runtime = log_runtime(vllm_api.engine_core_pid(llm))
+        engine_core = vllm_api.engine_core_pid(llm) if cpu else None
+        if engine_core is not None:
+            confine_to_reserved(engine_core)
+            self.runtime = log_runtime(engine_core)
         self._chat = ChatEncoder(llm.get_tokenizer())
         # vLLM reads generation_config.json from disk on every call: once here, off the loop.
         self._generation_defaults = vllm_api.generation_defaults(llm)

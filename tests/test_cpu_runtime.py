@@ -14,11 +14,14 @@ import pytest
 
 from bentospec.cpu_runtime import (
     PRELOAD_ENV,
+    RESERVED_BIND_ENV,
     LoadedRuntime,
+    confine_to_reserved,
     engine_core_environment,
     loaded_runtime,
     preload_environment,
     prescribed_preload,
+    worker_cpus,
 )
 from tests.conftest import wait_for
 
@@ -103,3 +106,61 @@ def test_loaded_runtime_reads_the_process(
         env["LD_PRELOAD"] = ":".join(prescribed_preload())
     with _process(env) as pid:
         assert wait_for(lambda: expected(loaded_runtime(pid)), 10), loaded_runtime(pid)
+
+
+# An engine core's stand-in only in shape: a real process tree whose child binds itself to
+# core 0, as vLLM's CPU worker binds its OpenMP threads to VLLM_CPU_OMP_THREADS_BIND.
+_TREE = """
+import multiprocessing as mp, os, threading, time
+def worker():
+    os.sched_setaffinity(0, {0})
+    time.sleep(60)
+if __name__ == "__main__":
+    mp.Process(target=worker, daemon=True).start()
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    time.sleep(60)
+"""
+
+
+@pytest.fixture
+def own_affinity() -> Iterator[set[int]]:
+    """This process's affinity, restored on every thread afterwards (confining binds it)."""
+    import psutil
+
+    saved = os.sched_getaffinity(0)
+    yield saved
+    for thread in psutil.Process().threads():
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(thread.id, saved)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a core to reserve")
+def test_confine_to_reserved_binds_the_engine_core_and_this_process_off_the_worker_core(
+    own_affinity: set[int], tmp_path: Path
+) -> None:
+    import psutil
+
+    script = tmp_path / "tree.py"
+    script.write_text(_TREE)
+    tree = subprocess.Popen([sys.executable, str(script)])
+    try:
+        parent = psutil.Process(tree.pid)
+        assert wait_for(lambda: worker_cpus(tree.pid) == {0}, 20), worker_cpus(tree.pid)
+        every = set(range(os.cpu_count() or 1))
+
+        def threads() -> set[frozenset[int]]:
+            return {frozenset(os.sched_getaffinity(t.id)) for t in parent.threads()}
+
+        reserved = confine_to_reserved(tree.pid, environ={})
+        assert reserved == every - {0}
+        assert len(parent.threads()) > 1 and threads() == {frozenset(reserved)}
+        assert os.sched_getaffinity(0) == reserved
+        assert worker_cpus(tree.pid) == {0}, "the worker keeps its own binding"
+
+        # Switched off, both are unbound again (what vLLM alone leaves).
+        assert confine_to_reserved(tree.pid, environ={RESERVED_BIND_ENV: "off"}) is None
+        assert threads() == {frozenset(every)} and os.sched_getaffinity(0) == every
+        assert loaded_runtime(tree.pid).cpus == sorted(every)
+    finally:
+        tree.kill()
+        tree.wait()

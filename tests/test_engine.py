@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bentospec import vllm_api
+from bentospec.cpu_runtime import worker_cpus
 from bentospec.dataset import load_cases, render_cases
 from bentospec.engine import EngineStatus, SpecEngine
 from bentospec.generation import RequestRejected, generate_full, stream_text, tokenized
@@ -40,6 +43,16 @@ def test_engine_core_runs_vllms_prescribed_cpu_runtime(cpu_engine: SpecEngine) -
     runtime = cpu_engine.runtime
     assert runtime is not None and runtime.openmp == "libiomp5.so", runtime
     assert runtime.allocator.startswith("libtcmalloc_minimal.so.4"), runtime
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a core to reserve")
+def test_engine_core_runs_on_the_cores_vllm_reserved(cpu_engine: SpecEngine) -> None:
+    """The engine core and this process stay off the core the worker computes on."""
+    engine_core = vllm_api.engine_core_pid(cpu_engine.llm)
+    assert engine_core is not None and cpu_engine.runtime is not None
+    worker = worker_cpus(engine_core)
+    assert worker and cpu_engine.runtime.cpus, cpu_engine.runtime
+    assert set(cpu_engine.runtime.cpus) == set(range(os.cpu_count() or 1)) - worker
 
 
 def test_generation_defaults_are_read_once_at_start(

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -99,6 +100,10 @@ def _median_ms(run: Callable[[], object], repeats: int) -> float:
         run()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
+
+
+def _on_every_core() -> None:
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))
 
 
 def gemm_costs(
@@ -210,9 +215,11 @@ def measure(
     rows = sorted({round(s.tokens_per_step) for s in steps})
     weights = sum(n * k for n, k in shapes) * (4 if dtype == "float32" else 2)
     # In a fresh process with the engine core's OpenMP and allocator: this one's torch has
-    # had vLLM's frontend settings applied, and GNU OpenMP where the engine core has Intel's.
+    # had vLLM's frontend settings applied, and GNU OpenMP where the engine core has Intel's;
+    # on every core, not the reserved ones this process was confined to with its engines.
     spawn = multiprocessing.get_context("spawn")
-    with engine_core_environment(preload_environment()), ProcessPoolExecutor(1, spawn) as pool:
+    pool = ProcessPoolExecutor(1, spawn, initializer=_on_every_core)
+    with engine_core_environment(preload_environment()), pool:
         gemm = pool.submit(gemm_costs, shapes, dtype, rows, (1, 2)).result()
         bandwidth = pool.submit(read_bandwidth_gb_s).result()
     return StepCostReport(
