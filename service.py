@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import bentoml
 from pydantic import BaseModel
 
+from bentospec import settings
 from bentospec.api_docs import OpenAPIDocsMiddleware
 from bentospec.auth import APIKeyMiddleware
 from bentospec.engine import EngineStatus, SpecEngine
@@ -29,7 +30,6 @@ from bentospec.generation import (
 )
 from bentospec.hardware import select_profile
 from bentospec.metrics import SpecGauges, StatusGauges, engine_counters
-from bentospec.model_store import is_hub_reference
 from bentospec.opea import build_opea_app
 from bentospec.openai_app import attach, build_openai_app, detach, serve
 from bentospec.packaging import bento_image
@@ -67,7 +67,7 @@ opea_app = build_opea_app(PromptTemplates())
     },
     # Gated hub models (Llama) need a token: declared without a value so none lands in the
     # Bento, and only for profiles that load from the hub (BentoML then requires it at start).
-    envs=[{"name": "HF_TOKEN"}] if any(map(is_hub_reference, PROFILE.model_refs())) else [],
+    envs=[{"name": settings.HF_TOKEN.name}] if PROFILE.needs_hub_token() else [],
 )
 class BentoSpec:
     """Serves the profile's target model with its speculative method."""

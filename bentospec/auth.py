@@ -1,19 +1,20 @@
 """Bearer-token authentication for every route but probes and metrics.
 
-Enabled by ``BENTOSPEC_API_KEY``; the key is compared in constant time and never logged.
+Enabled by ``BENTOSPEC_API_KEY`` (:data:`bentospec.settings.API_KEY`); the key is compared in
+constant time and never logged.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-import os
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from bentospec import settings
+
 #: Routes that stay open so that orchestrators can probe and scrape without the key.
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
-API_KEY_ENV = "BENTOSPEC_API_KEY"
 
 
 class APIKeyMiddleware:
@@ -21,7 +22,7 @@ class APIKeyMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        key = os.environ.get(API_KEY_ENV, "")
+        key = settings.API_KEY.get()
         self._expected = f"Bearer {key}".encode() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -6,10 +6,9 @@ resolved arguments (and tests can check GPU profiles) on a machine that cannot r
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
-from bentospec import hardware, vllm_api
+from bentospec import hardware, settings, vllm_api
 from bentospec.adaptive import CONFIG_KEY, PROPOSER_CLASS, AdaptiveSettings
 from bentospec.cpu_host import HostClass
 from bentospec.profile import Profile, SpeculativeSpec
@@ -46,13 +45,6 @@ def speculative_config(
     return config
 
 
-#: ``1`` runs every engine without torch.compile, whatever the profile says. vLLM 0.32 on CPU
-#: recompiles at every start (its AOT cache fails to load: "'function' object has no attribute
-#: 'finalize_loading'"): on 2 AVX2 cores the compile is ~95 s of a 131 s start, for ~11% faster
-#: decoding. The test suite sets it (about 30 engine starts); so may operators who restart often.
-ENFORCE_EAGER_ENV = "BENTOSPEC_ENFORCE_EAGER"
-
-
 def engine_kwargs(
     profile: Profile, *, model: str | None = None, draft_model: str | None = None
 ) -> dict[str, Any]:
@@ -73,7 +65,7 @@ def engine_kwargs(
         # BentoML's SIGTERM reaches the engine core too: let it finish streams in flight.
         shutdown_timeout=profile.serving.drain_timeout,
     )
-    if os.environ.get(ENFORCE_EAGER_ENV) == "1":
+    if settings.ENFORCE_EAGER.get():
         kwargs["enforce_eager"] = True
     if profile.model.revision is not None:
         kwargs["revision"] = profile.model.revision

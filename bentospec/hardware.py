@@ -7,11 +7,10 @@ the decision and the reason for it are logged.
 from __future__ import annotations
 
 import logging
-import os
 
 from pydantic import BaseModel, ConfigDict
 
-from bentospec import vllm_api
+from bentospec import settings, vllm_api
 from bentospec.profile import Profile, ProfileError, list_profiles, load_profile, profile_path
 
 logger = logging.getLogger(__name__)
@@ -148,7 +147,7 @@ def engine_dtype(profile: Profile) -> str:
 
 def select_profile(explicit: str | None = None) -> Profile:
     """The profile to serve: ``explicit``, else ``BENTOSPEC_PROFILE``, else auto-detected."""
-    name = explicit or os.environ.get("BENTOSPEC_PROFILE")
+    name = explicit or settings.PROFILE.get()
     if name:
         profile = load_profile(name)
         logger.info("profile %r chosen explicitly", name)

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bentospec.model_store import is_hub_reference
+from bentospec import settings
 from bentospec.profile import Profile, format_validation_error, load_profile
 from bentospec.vllm_api import REQUESTS_RUNNING, REQUESTS_WAITING
 
@@ -132,9 +132,9 @@ def _resources(profile: Profile) -> Manifest:
 def _container(profile: Profile, options: KubernetesOptions) -> Manifest:
     # Gated hub models need the token; the key is optional so a missing API-key secret
     # serves without auth rather than failing the pod.
-    env = [_secret_env("BENTOSPEC_API_KEY", API_KEY_SECRET, optional=True)]
-    if any(map(is_hub_reference, profile.model_refs())):
-        env.insert(0, _secret_env("HF_TOKEN", HF_TOKEN_SECRET, optional=False))
+    env = [_secret_env(settings.API_KEY.name, API_KEY_SECRET, optional=True)]
+    if profile.needs_hub_token():
+        env.insert(0, _secret_env(settings.HF_TOKEN.name, HF_TOKEN_SECRET, optional=False))
     container: Manifest = {
         "name": "bentospec",
         "image": options.image,
@@ -292,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for path in write(profile, options, args.out or Path("build/kubernetes") / profile.name):
         print(f"wrote {path}")
-    if any(map(is_hub_reference, profile.model_refs())):
-        print(f"the pods read HF_TOKEN from secret {HF_TOKEN_SECRET!r} (docs/deploy.md)")
+    if profile.needs_hub_token():
+        token = settings.HF_TOKEN.name
+        print(f"the pods read {token} from secret {HF_TOKEN_SECRET!r} (docs/deploy.md)")
     return 0

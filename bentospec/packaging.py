@@ -25,8 +25,8 @@ from urllib.parse import quote
 import bentoml
 
 from bentospec.profile import Profile
+from bentospec.settings import PROJECT_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PYTHON_VERSION = "3.11"
 #: BentoML's images are linux/amd64; the locks are resolved for that platform.
 LOCK_PLATFORM = "x86_64-manylinux_2_28"
@@ -67,7 +67,7 @@ def bento_image(profile: Profile) -> bentoml.images.Image:
     # BentoML's own locking would re-resolve at every build, without hashes: the lock is ours.
     image = bentoml.images.Image(python_version=PYTHON_VERSION, lock_python_packages=False)
     # The lock's text, as `requirements_file` would add it (that one wants a cwd-relative path).
-    lock = ROOT / LOCKS[profile.hardware.accelerator].path
+    lock = PROJECT_ROOT / LOCKS[profile.hardware.accelerator].path
     image = image.python_packages(lock.read_text(encoding="utf-8"))
     # Copied into ./src before the requirements install, so kept to what the project's own
     # install needs: a code change then does not redo the engine's layer.
@@ -152,7 +152,7 @@ def _uv_compile(args: list[str], output: str, stdin: str | None = None) -> str:
         cmd += ["--default-index", PYPI]
         # Only this command line chooses indexes: no UV_INDEX / UV_FIND_LINKS from outside.
         env = {k: v for k, v in os.environ.items() if not k.startswith("UV_")}
-        subprocess.run(cmd, cwd=ROOT, env=env, input=stdin, text=True, check=True)
+        subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, input=stdin, text=True, check=True)
         return out.read_text(encoding="utf-8")
 
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for accelerator, lock in LOCKS.items():
         wheels = args.torch_cpu_wheels if accelerator == "cpu" else None
-        (ROOT / lock.path).write_text(compile_lock(lock, wheels), encoding="utf-8")
+        (PROJECT_ROOT / lock.path).write_text(compile_lock(lock, wheels), encoding="utf-8")
         print(f"wrote {lock.path}")
 
 

@@ -7,7 +7,6 @@ the boundary, so that a typo fails with the file and key named instead of deep i
 
 from __future__ import annotations
 
-import os
 import re
 from itertools import pairwise
 from pathlib import Path
@@ -16,11 +15,9 @@ from typing import Annotated, Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bentospec import settings
 from bentospec.cpu_host import HostClass, detect_cpu_host
-
-#: Where the profile catalogue lives; ``BENTOSPEC_CONFIG_DIR`` overrides it (tests, custom
-#: catalogues).
-DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from bentospec.model_store import is_hub_reference
 
 # Profile names are file stems: lower-case words joined by dashes, so that a name can never
 # be a path (no "/", no "..") and always maps to exactly one file in the catalogue.
@@ -288,7 +285,7 @@ class OpenAISpec(_Strict):
         """:attr:`chat_template` resolved against the project root."""
         if self.chat_template is None:
             return None
-        return DEFAULT_CONFIG_DIR.parent / self.chat_template
+        return settings.PROJECT_ROOT / self.chat_template
 
 
 class Profile(_Strict):
@@ -329,6 +326,11 @@ class Profile(_Strict):
             refs.append(self.speculative.model)
         return refs
 
+    def needs_hub_token(self) -> bool:
+        """Whether a model comes from the hub, so a Bento or pod of this profile declares
+        ``HF_TOKEN`` (gated models need it)."""
+        return any(map(is_hub_reference, self.model_refs()))
+
     def without_speculation(self) -> Profile:
         """The same profile with speculation off: the baseline for speedup and lossless checks."""
         return self.model_copy(update={"speculative": None})
@@ -353,19 +355,15 @@ class Profile(_Strict):
         return self.model_copy(update={"speculative": spec})
 
 
-def config_dir() -> Path:
-    return Path(os.environ.get("BENTOSPEC_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
-
-
 def list_profiles(directory: Path | None = None) -> list[str]:
     """Names of the profiles in the catalogue, sorted."""
-    directory = directory or config_dir()
+    directory = directory or settings.CONFIG_DIR.get()
     return sorted(p.stem for p in directory.glob("*.yaml") if _NAME_RE.match(p.stem))
 
 
 def profile_path(name: str, directory: Path | None = None) -> Path:
     """The file of profile ``name``; refuses anything that is not a catalogue entry."""
-    directory = directory or config_dir()
+    directory = directory or settings.CONFIG_DIR.get()
     valid = list_profiles(directory)
     if not _NAME_RE.match(name) or name not in valid:
         raise ProfileError(

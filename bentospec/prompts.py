@@ -6,21 +6,16 @@ wraps it, so one template serves every model a profile may name.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from bentospec import settings
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-DEFAULT_PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"
-
-
-def prompt_dir() -> Path:
-    return Path(os.environ.get("BENTOSPEC_PROMPT_DIR") or DEFAULT_PROMPT_DIR)
 
 
 class PromptTemplates:
@@ -28,7 +23,7 @@ class PromptTemplates:
 
     def __init__(self, directory: Path | None = None) -> None:
         self._env = Environment(
-            loader=FileSystemLoader(directory or prompt_dir()),
+            loader=FileSystemLoader(directory or settings.PROMPT_DIR.get()),
             undefined=StrictUndefined,
             autoescape=select_autoescape(default=False, default_for_string=False),
             keep_trailing_newline=False,

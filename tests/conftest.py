@@ -15,24 +15,28 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase
+from hypothesis import settings as hypothesis_settings
 from hypothesis.database import DirectoryBasedExampleDatabase
+
+from bentospec import settings
 
 # Re-exported: the tests start servers with the benchmark's launcher.
 from bentospec.bench.servers import ServerProcess as ServerProcess
 from bentospec.bench.servers import free_port as free_port
 from bentospec.engine import SpecEngine
-from bentospec.engine_args import ENFORCE_EAGER_ENV
-from bentospec.profile import load_profile
+from bentospec.profile import Profile, list_profiles, load_profile
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = settings.PROJECT_ROOT
+#: The repository's profile catalogue, whatever ``BENTOSPEC_CONFIG_DIR`` says.
+CATALOGUE_DIR: Path = settings.CONFIG_DIR.default
 T = TypeVar("T")
 
 # No hub is reachable in tests: fail fast instead of retrying downloads.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Every engine, in-process or under a server, skips torch.compile: ~30 engine starts of ~40 s
-# instead of ~130 s each (see bentospec.engine_args.ENFORCE_EAGER_ENV); the engine is the same.
-os.environ.setdefault(ENFORCE_EAGER_ENV, "1")
+# instead of ~130 s each (bentospec.settings.ENFORCE_EAGER); the engine is the same.
+os.environ.setdefault(settings.ENFORCE_EAGER.name, "1")
 
 
 def wait_for(condition: Callable[[], bool], seconds: float, interval: float = 0.2) -> bool:
@@ -43,6 +47,11 @@ def wait_for(condition: Callable[[], bool], seconds: float, interval: float = 0.
             return False
         time.sleep(interval)
     return True
+
+
+def catalogue() -> list[Profile]:
+    """Every profile of the repository's catalogue, loaded and validated."""
+    return [load_profile(name, CATALOGUE_DIR) for name in list_profiles(CATALOGUE_DIR)]
 
 
 def sse_payloads(text: str) -> list[Any]:
@@ -68,31 +77,26 @@ class LoopThread:
         self._thread.join(10)
 
 
-#: ``BENTOSPEC_FUZZ_EXAMPLES=N``: N random examples per fuzzed test instead of CI's fixed run.
-FUZZ_EXAMPLES_ENV = "BENTOSPEC_FUZZ_EXAMPLES"
-#: Where a longer run keeps its failing examples (``make fuzz`` names it); hypothesis'
-#: ``.hypothesis/examples`` when unset.
-FUZZ_DATABASE_ENV = "BENTOSPEC_FUZZ_DATABASE"
 #: Examples per fuzzed test in CI, from a fixed seed: inside CI's budget.
 CI_FUZZ_EXAMPLES = 60
 
 
-def fuzz_settings(max_examples: int = CI_FUZZ_EXAMPLES) -> settings:
+def fuzz_settings(max_examples: int = CI_FUZZ_EXAMPLES) -> hypothesis_settings:
     """Hypothesis settings of the tests that fuzz a live server.
 
     CI: ``max_examples`` examples, derandomized (the same run every time, no database).
-    With :data:`FUZZ_EXAMPLES_ENV`: that many random examples; failing ones are kept in
-    :data:`FUZZ_DATABASE_ENV`'s directory (else ``.hypothesis/``, git-ignored) and replayed
+    With ``BENTOSPEC_FUZZ_EXAMPLES``: that many random examples; failing ones are kept in
+    ``BENTOSPEC_FUZZ_DATABASE``'s directory (else ``.hypothesis/``, git-ignored) and replayed
     first next time. No shrinking: a request that kills the engine fails every later one until
     the worker restarts, so the first failing example is the one to report.
     """
-    longer = os.environ.get(FUZZ_EXAMPLES_ENV)
-    kept = os.environ.get(FUZZ_DATABASE_ENV)
+    longer = settings.FUZZ_EXAMPLES.get()
+    kept = settings.FUZZ_DATABASE.get()
     database = {"database": DirectoryBasedExampleDatabase(kept)} if longer and kept else {}
-    return settings(
+    return hypothesis_settings(
         **database,
-        max_examples=int(longer) if longer else max_examples,
-        derandomize=not longer,
+        max_examples=longer or max_examples,
+        derandomize=longer is None,
         deadline=None,  # one example is a batch of real generations
         phases=[Phase.explicit, Phase.reuse, Phase.generate],
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -16,8 +16,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from bentospec import auth
-from bentospec.auth import API_KEY_ENV, APIKeyMiddleware
+from bentospec import auth, settings
+from bentospec.auth import APIKeyMiddleware
 
 KEY = "s3cret-test-key"
 
@@ -27,7 +27,7 @@ def client() -> Iterator[TestClient]:
     # One app per process: BentoML registers its Prometheus metrics when the app is built.
     # The middleware reads the key when the first request builds the middleware stack.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(API_KEY_ENV, KEY)
+        patch.setenv(settings.API_KEY.name, KEY)
         from service import BentoSpec
 
         client = TestClient(BentoSpec.to_asgi(), raise_server_exceptions=False)
@@ -89,7 +89,7 @@ def test_right_key_passes(client: TestClient, method: str, path: str) -> None:
 def test_probes_and_metrics_stay_open(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     # The service app's /readyz and /metrics wait for what only its lifespan sets up (the
     # service instance, the metrics client), so the middleware is checked around a plain app.
-    monkeypatch.setenv(API_KEY_ENV, KEY)
+    monkeypatch.setenv(settings.API_KEY.name, KEY)
     inner = Starlette(routes=[Route(path, lambda _: PlainTextResponse("ok"))])
     probe = TestClient(APIKeyMiddleware(inner))
     assert probe.get(path).status_code == 200
@@ -108,7 +108,7 @@ def test_every_key_check_is_one_constant_time_comparison(monkeypatch: pytest.Mon
         compared.append((a, b))
         return hmac.compare_digest(a, b)
 
-    monkeypatch.setenv(API_KEY_ENV, KEY)
+    monkeypatch.setenv(settings.API_KEY.name, KEY)
     monkeypatch.setattr(auth, "hmac", SimpleNamespace(compare_digest=recording))
     inner = Starlette(routes=[Route("/x", lambda _: PlainTextResponse("ok"))])
     client = TestClient(APIKeyMiddleware(inner))

@@ -34,8 +34,8 @@ from bentospec.bench.stats import Counters, RequestRecord, Spread
 from bentospec.cli import build_parser
 from bentospec.metrics import SpecCounters
 from bentospec.profile import SpeculativeSpec, load_profile
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 NGRAM = SpeculativeSpec(
     method="ngram", num_speculative_tokens=5, prompt_lookup_min=2, prompt_lookup_max=5
 )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bentospec import settings
 from bentospec.cpu_compile_cache_fix import (
     PLUGIN_NAME,
     artifact_class,
@@ -21,7 +22,6 @@ from bentospec.cpu_compile_cache_fix import (
     needs_fix,
     register,
 )
-from bentospec.engine_args import ENFORCE_EAGER_ENV
 
 #: vLLM's log lines on a start that loaded the cache, and on one that compiled again.
 LOADED = "Directly load AOT compilation from path"
@@ -78,7 +78,8 @@ def test_upstream_torch_still_lacks_what_vllm_calls() -> None:
 
 
 def _compiled_start(cache: Path) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in (ENFORCE_EAGER_ENV, "VLLM_PLUGINS")}
+    dropped = (settings.ENFORCE_EAGER.name, "VLLM_PLUGINS")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env["VLLM_CACHE_ROOT"] = str(cache)
     run = subprocess.run(
         [sys.executable, "-c", _START], env=env, capture_output=True, text=True, timeout=900

@@ -12,13 +12,13 @@ import pytest
 from bentospec import engine_args, tune
 from bentospec.cpu_host import HOST_CLASSES, detect_cpu_host, parse_cpuinfo
 from bentospec.profile import (
-    DEFAULT_CONFIG_DIR,
     Profile,
     ProfileError,
     SpeculativeSpec,
     load_profile,
     load_profile_file,
 )
+from tests.conftest import CATALOGUE_DIR
 
 CPUINFO = """processor\t: 0
 vendor_id\t: {vendor}
@@ -138,7 +138,7 @@ def test_another_family_replaces_the_spec_for_every_class() -> None:
 
 
 def test_profile_error_names_the_file_and_the_class_key(tmp_path: Path) -> None:
-    text = (DEFAULT_CONFIG_DIR / "cpu.yaml").read_text()
+    text = (CATALOGUE_DIR / "cpu.yaml").read_text()
     bad = "  host_schedules:\n    avx2: [[2, 16, 1]]\nengine:\n"
     path = tmp_path / "bad.yaml"
     path.write_text(text.replace("engine:\n", bad, 1))

@@ -21,9 +21,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bentospec.kubernetes import adapter_rules
-from tests.conftest import ServerProcess
+from tests.conftest import ROOT, ServerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "bentospec-speculation.json"
 RULES = ROOT / "deploy" / "prometheus" / "bentospec-alerts.yaml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "bentospec-alerts.test.yaml"

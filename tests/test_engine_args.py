@@ -16,20 +16,22 @@ import vllm
 from vllm.config.speculative import SpeculativeConfig, SpeculativeMethod
 from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
-from bentospec.engine_args import ENFORCE_EAGER_ENV, engine_kwargs
-from bentospec.profile import DEFAULT_CONFIG_DIR, Profile, list_profiles, load_profile
+from bentospec import settings
+from bentospec.engine_args import engine_kwargs
+from bentospec.profile import Profile
+from tests.conftest import catalogue
 
-PROFILES = [load_profile(name, DEFAULT_CONFIG_DIR) for name in list_profiles(DEFAULT_CONFIG_DIR)]
+PROFILES = catalogue()
 
 
 @pytest.fixture(autouse=True)
 def _profile_settings_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """The suite runs engines eager (conftest); these tests resolve the profiles as written."""
-    monkeypatch.delenv(ENFORCE_EAGER_ENV, raising=False)
+    monkeypatch.delenv(settings.ENFORCE_EAGER.name, raising=False)
 
 
 def test_the_eager_switch_overrides_every_profile(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ENFORCE_EAGER_ENV, "1")
+    monkeypatch.setenv(settings.ENFORCE_EAGER.name, "1")
     assert all(engine_kwargs(p)["enforce_eager"] is True for p in PROFILES)
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from bentospec import hardware
 from bentospec.hardware import GPU, Hardware, best_profile, select_profile
-from bentospec.profile import DEFAULT_CONFIG_DIR, ProfileError, list_profiles, load_profile
+from bentospec.profile import ProfileError, list_profiles, load_profile
+from tests.conftest import CATALOGUE_DIR, catalogue
 
 # Names and sizes as NVML reports them (MiB / 1024): an "80 GB" H100 has 79.6 GiB.
 L4 = GPU(name="NVIDIA L4", memory_gib=23034 / 1024)
@@ -23,13 +24,13 @@ H100 = GPU(name="NVIDIA H100 80GB HBM3", memory_gib=81559 / 1024)
 #: The real probe, kept before the autouse fixture replaces it.
 DETECT = hardware.detect
 
-CATALOGUE = [load_profile(name, DEFAULT_CONFIG_DIR) for name in list_profiles(DEFAULT_CONFIG_DIR)]
+CATALOGUE = catalogue()
 
 
 @pytest.fixture(autouse=True)
 def catalogue(monkeypatch: pytest.MonkeyPatch) -> None:
     """The repository's catalogue, no profile forced, and no real GPU probing."""
-    monkeypatch.setenv("BENTOSPEC_CONFIG_DIR", str(DEFAULT_CONFIG_DIR))
+    monkeypatch.setenv("BENTOSPEC_CONFIG_DIR", str(CATALOGUE_DIR))
     monkeypatch.delenv("BENTOSPEC_PROFILE", raising=False)
     monkeypatch.setattr(hardware, "detect", _fail_if_probed)
 
@@ -93,8 +94,8 @@ def test_unknown_profile_is_refused_listing_the_valid_ones() -> None:
         "cpu/../cpu",
         "../configs/cpu",
         "/etc/passwd",
-        str(DEFAULT_CONFIG_DIR / "cpu.yaml"),
-        str(DEFAULT_CONFIG_DIR / "cpu"),
+        str(CATALOGUE_DIR / "cpu.yaml"),
+        str(CATALOGUE_DIR / "cpu"),
         "cpu.yaml",
         "./cpu",
         "..",
@@ -115,7 +116,7 @@ def test_path_like_names_are_refused(monkeypatch: pytest.MonkeyPatch, name: str)
 def test_invalid_profile_is_skipped_during_auto_detection(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    shutil.copy(DEFAULT_CONFIG_DIR / "cpu.yaml", tmp_path)
+    shutil.copy(CATALOGUE_DIR / "cpu.yaml", tmp_path)
     (tmp_path / "broken.yaml").write_text("description: no model or engine\n")
     monkeypatch.setenv("BENTOSPEC_CONFIG_DIR", str(tmp_path))
     _machine(monkeypatch)
@@ -127,7 +128,7 @@ def test_invalid_profile_is_skipped_during_auto_detection(
 def test_no_fitting_profile_and_no_cpu_fallback_is_a_profile_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    shutil.copy(DEFAULT_CONFIG_DIR / "h100x4.yaml", tmp_path)
+    shutil.copy(CATALOGUE_DIR / "h100x4.yaml", tmp_path)
     monkeypatch.setenv("BENTOSPEC_CONFIG_DIR", str(tmp_path))
     _machine(monkeypatch, L4)
     with pytest.raises(ProfileError, match=r"no profile fits 1 x NVIDIA L4 .* no 'cpu' profile"):
@@ -235,7 +236,7 @@ def test_cpu_auto_dtype_follows_the_bf16_gemm(
     monkeypatch: pytest.MonkeyPatch, bf16_gemm: bool | None, expected: str
 ) -> None:
     monkeypatch.setattr(hardware.vllm_api, "cpu_bf16_gemm", lambda: bf16_gemm)
-    cpu = load_profile("cpu", DEFAULT_CONFIG_DIR)
+    cpu = load_profile("cpu", CATALOGUE_DIR)
     assert cpu.engine.dtype == "auto"
     assert hardware.engine_dtype(cpu) == expected
     # A dtype the profile names is kept, whatever the host.

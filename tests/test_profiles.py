@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from bentospec.profile import (
-    DEFAULT_CONFIG_DIR,
     Profile,
     ProfileError,
     list_profiles,
     load_profile,
     load_profile_file,
 )
+from tests.conftest import CATALOGUE_DIR, catalogue
 
 BAD_PROFILES = Path(__file__).parent / "bad_profiles"
 
@@ -34,19 +34,15 @@ CATALOGUE = {
 }
 
 
-def _catalogue() -> list[Profile]:
-    return [load_profile(name, DEFAULT_CONFIG_DIR) for name in list_profiles(DEFAULT_CONFIG_DIR)]
-
-
 def _gpu_profiles() -> list[Profile]:
-    return [p for p in _catalogue() if p.hardware.accelerator == "cuda"]
+    return [p for p in catalogue() if p.hardware.accelerator == "cuda"]
 
 
 def test_catalogue_has_every_profile() -> None:
-    assert set(list_profiles(DEFAULT_CONFIG_DIR)) >= CATALOGUE
+    assert set(list_profiles(CATALOGUE_DIR)) >= CATALOGUE
 
 
-@pytest.mark.parametrize("path", sorted(DEFAULT_CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(CATALOGUE_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_profile_file_starts_with_a_comment(path: Path) -> None:
     """The header says which hardware the file is for and why its numbers are what they are."""
     header = list(takewhile(lambda line: line.startswith("#"), path.read_text().splitlines()))
@@ -129,7 +125,7 @@ PARSERS_BY_MODEL = {
 }
 
 
-@pytest.mark.parametrize("profile", _catalogue(), ids=lambda p: p.name)
+@pytest.mark.parametrize("profile", catalogue(), ids=lambda p: p.name)
 def test_every_profile_sets_its_models_parsers(profile: Profile) -> None:
     family = next(f for f in PARSERS_BY_MODEL if profile.model.id.startswith(f))
     openai = profile.openai
@@ -143,9 +139,9 @@ def test_openai_settings_reach_vllm() -> None:
     from bentospec.engine_args import engine_kwargs
     from bentospec.openai_app import serving_argv
 
-    glm = load_profile("h100x4-mtp", DEFAULT_CONFIG_DIR)
+    glm = load_profile("h100x4-mtp", CATALOGUE_DIR)
     assert engine_kwargs(glm)["reasoning_parser"] == "glm45"
     argv = serving_argv(SpecEngine(glm))
     assert argv[argv.index("--tool-call-parser") + 1] == "glm45"
     assert "--enable-auto-tool-choice" in argv and "--chat-template" not in argv
-    assert "reasoning_parser" not in engine_kwargs(load_profile("cpu", DEFAULT_CONFIG_DIR))
+    assert "reasoning_parser" not in engine_kwargs(load_profile("cpu", CATALOGUE_DIR))

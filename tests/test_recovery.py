@@ -18,9 +18,8 @@ import pytest
 import yaml
 from openai import InternalServerError, OpenAI
 
-from bentospec.profile import DEFAULT_CONFIG_DIR
 from bentospec.watchdog import FIRST_BACKOFF_SECONDS
-from tests.conftest import ServerProcess, wait_for
+from tests.conftest import CATALOGUE_DIR, ServerProcess, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -35,7 +34,7 @@ def model_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def failing_server(tmp_path: Path, model_dir: Path) -> Iterator[ServerProcess]:
-    profile = yaml.safe_load((DEFAULT_CONFIG_DIR / "cpu-nospec.yaml").read_text())
+    profile = yaml.safe_load((CATALOGUE_DIR / "cpu-nospec.yaml").read_text())
     profile["model"]["id"] = str(model_dir)
     configs = tmp_path / "configs"
     configs.mkdir()

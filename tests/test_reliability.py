@@ -28,9 +28,9 @@ import yaml
 from fastapi.routing import APIRoute
 from openai import OpenAI
 
-from bentospec.auth import API_KEY_ENV
-from bentospec.profile import DEFAULT_CONFIG_DIR, list_profiles, load_profile
-from tests.conftest import ROOT, ServerProcess, free_port, sse_payloads, wait_for
+from bentospec import settings
+from bentospec.profile import list_profiles, load_profile
+from tests.conftest import CATALOGUE_DIR, ROOT, ServerProcess, free_port, sse_payloads, wait_for
 
 MODEL = "smollm2-135m-instruct"
 PROFILE = load_profile("cpu")
@@ -411,7 +411,7 @@ def test_64_concurrent_streams_complete_or_get_fast_429(server: ServerProcess) -
 def test_traffic_limits_come_from_the_served_profile(tmp_path: Path) -> None:
     # A profile of its own with limits no catalogue profile has, chosen explicitly (so the
     # machine's GPUs do not matter), read back from the service a fresh interpreter builds.
-    profile = yaml.safe_load((DEFAULT_CONFIG_DIR / "cpu-nospec.yaml").read_text())
+    profile = yaml.safe_load((CATALOGUE_DIR / "cpu-nospec.yaml").read_text())
     profile["serving"].update(timeout=123, max_concurrency=7)
     (tmp_path / "odd-limits.yaml").write_text(yaml.safe_dump(profile))
     out = subprocess.run(
@@ -492,7 +492,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 @pytest.fixture(scope="module")
 def own_server() -> Iterator[ServerProcess]:
     """A server to kill and stop, with recognisable secrets in its environment."""
-    with ServerProcess("cpu", env={API_KEY_ENV: API_KEY, "HF_TOKEN": HF_TOKEN}) as proc:
+    with ServerProcess("cpu", env={settings.API_KEY.name: API_KEY, "HF_TOKEN": HF_TOKEN}) as proc:
         yield proc
 
 

@@ -12,8 +12,7 @@ import pytest
 from bentospec.bench.step_cost import StepCostReport, linear_shapes
 from bentospec.model_store import resolve_model
 from bentospec.profile import load_profile
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 
 def smollm2_config() -> dict:

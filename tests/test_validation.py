@@ -13,7 +13,6 @@ import pytest
 
 from bentospec import vllm_api
 from bentospec.profile import (
-    DEFAULT_CONFIG_DIR,
     Profile,
     ProfileError,
     list_profiles,
@@ -21,6 +20,7 @@ from bentospec.profile import (
     load_profile_file,
 )
 from bentospec.validation import MODEL_CONFIG_DIR, ModelArch, check_profile, footprint
+from tests.conftest import CATALOGUE_DIR, catalogue
 
 BAD_PROFILES = Path(__file__).parent / "bad_profiles"
 REPO = Path(__file__).resolve().parent.parent
@@ -60,9 +60,9 @@ def _profile(name: str, **data: object) -> Profile:
     return Profile.model_validate({"name": name, "description": name, **data})
 
 
-@pytest.mark.parametrize("name", list_profiles(DEFAULT_CONFIG_DIR))
+@pytest.mark.parametrize("name", list_profiles(CATALOGUE_DIR))
 def test_catalogue_profile_passes(name: str) -> None:
-    profile = load_profile(name, DEFAULT_CONFIG_DIR)
+    profile = load_profile(name, CATALOGUE_DIR)
     summary = check_profile(profile)
     assert "\n" not in summary
     if profile.hardware.accelerator == "cuda":
@@ -99,7 +99,7 @@ def test_catalogue_profile_passes(name: str) -> None:
     ],
 )
 def test_memory_summary(name: str, summary: str) -> None:
-    assert check_profile(load_profile(name, DEFAULT_CONFIG_DIR)) == summary
+    assert check_profile(load_profile(name, CATALOGUE_DIR)) == summary
 
 
 @pytest.mark.parametrize(
@@ -133,9 +133,9 @@ def test_moe_and_mtp_parameters() -> None:
 
 
 def test_every_vendored_config_parses_and_is_used() -> None:
-    catalogue = [load_profile(n, DEFAULT_CONFIG_DIR) for n in list_profiles(DEFAULT_CONFIG_DIR)]
-    used = {p.model.id for p in catalogue} | {
-        p.speculative.model for p in catalogue if p.speculative and p.speculative.model
+    profiles = catalogue()
+    used = {p.model.id for p in profiles} | {
+        p.speculative.model for p in profiles if p.speculative and p.speculative.model
     }
     vendored = {path.stem.replace("__", "/") for path in MODEL_CONFIG_DIR.glob("*.json")}
     assert vendored == {ref for ref in used if not ref.startswith("bentospec:")}
@@ -202,7 +202,7 @@ def _summary(profile: Profile) -> dict[str, float]:
 
 
 def test_engine_memory_settings_change_the_estimate() -> None:
-    l4 = load_profile("l4-24gb", DEFAULT_CONFIG_DIR)
+    l4 = load_profile("l4-24gb", CATALOGUE_DIR)
     default = _summary(l4)
     fixed = _summary(l4.with_engine(kv_cache_memory_bytes=4 * 2**30))
     fp8 = _summary(l4.with_engine(kv_cache_dtype="fp8"))
@@ -227,7 +227,7 @@ def test_engine_memory_settings_change_the_estimate() -> None:
     ],
 )
 def test_engine_memory_settings_can_fail(engine: dict[str, object], message: str) -> None:
-    profile = load_profile("l4-24gb", DEFAULT_CONFIG_DIR).with_engine(**engine)
+    profile = load_profile("l4-24gb", CATALOGUE_DIR).with_engine(**engine)
     with pytest.raises(ProfileError, match=message):
         check_profile(profile)
 
@@ -249,7 +249,7 @@ def test_built_embedded_models_are_sized(
     _write_config(
         empty_model_cache / "models" / "smollm2-135m-draft", num_hidden_layers=draft_layers
     )
-    profile = load_profile("cpu-draft", DEFAULT_CONFIG_DIR)
+    profile = load_profile("cpu-draft", CATALOGUE_DIR)
     summary = check_profile(profile)
     # Derived from the configs written above and the profile: K and V of every layer of both
     # models, in the profile's fixed KV cache.
@@ -267,7 +267,7 @@ def test_built_embedded_models_are_sized(
 
 
 def test_unbuilt_embedded_model_is_skipped_not_built(empty_model_cache: Path) -> None:
-    summary = check_profile(load_profile("cpu", DEFAULT_CONFIG_DIR))
+    summary = check_profile(load_profile("cpu", CATALOGUE_DIR))
     assert summary == (
         "CPU profile: GPU memory check skipped; bentospec:smollm2-135m-instruct not built yet, "
         "size unknown (`bentospec models prepare --profile cpu`)"
@@ -359,10 +359,10 @@ def _cli(*args: str, config_dir: Path, cache: Path) -> subprocess.CompletedProce
 
 @pytest.mark.slow
 def test_cli_profiles_check_passes_the_catalogue(empty_model_cache: Path) -> None:
-    result = _cli("profiles", "check", config_dir=DEFAULT_CONFIG_DIR, cache=empty_model_cache)
+    result = _cli("profiles", "check", config_dir=CATALOGUE_DIR, cache=empty_model_cache)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    names = list_profiles(DEFAULT_CONFIG_DIR)
+    names = list_profiles(CATALOGUE_DIR)
     assert lines[-1] == f"{len(names)} passed, 0 failed"
     assert [line.split(":")[0] for line in lines[:-1]] == [f"ok   {name}" for name in names]
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
 import httpx
 
-from bentospec.auth import API_KEY_ENV
+from bentospec import settings
 from bentospec.bench.results import Workload
 from bentospec.bench.servers import Server
 from bentospec.bench.stats import GENERATION_TOKENS, Counters, RequestRecord, record_from_chunks
@@ -157,7 +156,7 @@ async def open_engine(profile: Profile, env: Mapping[str, str]) -> AsyncIterator
 async def open_openai(
     url: str, model: str, runtime: LoadedRuntime | None = None
 ) -> AsyncIterator[OpenAIClient]:
-    key = os.environ.get(API_KEY_ENV)
+    key = settings.API_KEY.get()
     async with httpx.AsyncClient(
         base_url=url,
         headers={"Authorization": f"Bearer {key}"} if key else None,

@@ -34,13 +34,14 @@ from bentospec.bench.results import (
     Via,
     summarize_level,
 )
-from bentospec.bench.servers import PROJECT_ROOT, ServerProcess, VllmServer
+from bentospec.bench.servers import ServerProcess, VllmServer
 from bentospec.bench.stats import Counters, RequestRecord
 from bentospec.cpu_host import detect_cpu_host
 from bentospec.dataset import PromptCase, render_cases
 from bentospec.engine_args import engine_kwargs
 from bentospec.model_store import resolve_model
 from bentospec.profile import Profile, load_profile
+from bentospec.settings import PROJECT_ROOT
 
 if TYPE_CHECKING:
     from tqdm import tqdm

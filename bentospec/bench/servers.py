@@ -27,8 +27,8 @@ from bentospec.cpu_runtime import LoadedRuntime, loaded_runtime, preload_environ
 from bentospec.engine_args import engine_kwargs
 from bentospec.model_store import resolve_model
 from bentospec.profile import Profile
+from bentospec.settings import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 LOG_DIR = PROJECT_ROOT / "build"
 
 
