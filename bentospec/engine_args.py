@@ -6,15 +6,18 @@ resolved arguments (and tests can check GPU profiles) on a machine that cannot r
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
-from bentospec import hardware, settings, vllm_api
+from bentospec import settings, vllm_api
 from bentospec.adaptive import CONFIG_KEY, PROPOSER_CLASS, AdaptiveSettings
 from bentospec.cpu_host import HostClass
 from bentospec.profile import Profile, SpeculativeSpec
 
 if TYPE_CHECKING:
     from bentospec.vllm_api import AsyncEngineArgs
+
+logger = logging.getLogger(__name__)
 
 
 def speculative_config(
@@ -45,6 +48,28 @@ def speculative_config(
     return config
 
 
+def engine_dtype(profile: Profile) -> str:
+    """The ``dtype`` engine argument for ``profile`` on this host.
+
+    A CPU profile's ``auto`` becomes float32 where oneDNN has no bf16 GEMM (x86 with AVX2 but
+    no AVX-512 or AMX): there vLLM's bf16 falls back to a GEMM that decoded 1.4x (one request)
+    to 3.8x (16 requests) slower than float32 on 2 AVX2 cores, and made a step verifying 5
+    drafts cost about 4 plain steps, so speculation did not pay (docs/benchmarks.md).
+    Everywhere else ``auto`` stays vLLM's choice (bf16 for bf16 checkpoints), as does any
+    dtype the profile names.
+    """
+    dtype = profile.engine.dtype
+    if dtype != "auto" or profile.hardware.accelerator != "cpu":
+        return dtype
+    bf16 = vllm_api.cpu_bf16_gemm()
+    if bf16 is False:
+        # Debug: engine arguments are built per engine and per bench configuration; the
+        # engine's start logs the dtype it got.
+        logger.debug("profile %r: no oneDNN bf16 GEMM on this CPU: dtype float32", profile.name)
+        return "float32"
+    return dtype
+
+
 def engine_kwargs(
     profile: Profile, *, model: str | None = None, draft_model: str | None = None
 ) -> dict[str, Any]:
@@ -55,7 +80,7 @@ def engine_kwargs(
     """
     kwargs: dict[str, Any] = profile.engine.model_dump(exclude_none=True)
     kwargs.update(
-        dtype=hardware.engine_dtype(profile),
+        dtype=engine_dtype(profile),
         model=model or profile.model.id,
         served_model_name=[profile.served_model_name],
         trust_remote_code=profile.model.trust_remote_code,

@@ -10,7 +10,7 @@ import logging
 
 from pydantic import BaseModel, ConfigDict
 
-from bentospec import settings, vllm_api
+from bentospec import settings
 from bentospec.profile import Profile, ProfileError, list_profiles, load_profile, profile_path
 
 logger = logging.getLogger(__name__)
@@ -121,28 +121,6 @@ def best_profile(profiles: list[Profile], hardware: Hardware) -> Profile:
             p.hardware.gpu_memory_gib or 0.0,
         ),
     )
-
-
-def engine_dtype(profile: Profile) -> str:
-    """The ``dtype`` engine argument for ``profile`` on this host.
-
-    A CPU profile's ``auto`` becomes float32 where oneDNN has no bf16 GEMM (x86 with AVX2 but
-    no AVX-512 or AMX): there vLLM's bf16 falls back to a GEMM that decoded 1.4x (one request)
-    to 3.8x (16 requests) slower than float32 on 2 AVX2 cores, and made a step verifying 5
-    drafts cost about 4 plain steps, so speculation did not pay (docs/benchmarks.md).
-    Everywhere else ``auto`` stays vLLM's choice (bf16 for bf16 checkpoints), as does any
-    dtype the profile names.
-    """
-    dtype = profile.engine.dtype
-    if dtype != "auto" or profile.hardware.accelerator != "cpu":
-        return dtype
-    bf16 = vllm_api.cpu_bf16_gemm()
-    if bf16 is False:
-        # Debug: engine arguments are built per engine and per bench configuration; the
-        # engine's start logs the dtype it got.
-        logger.debug("profile %r: no oneDNN bf16 GEMM on this CPU: dtype float32", profile.name)
-        return "float32"
-    return dtype
 
 
 def select_profile(explicit: str | None = None) -> Profile:

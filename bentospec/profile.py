@@ -54,6 +54,11 @@ StepCostPoint = tuple[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0)]
 class ProfileError(ValueError):
     """A profile is missing, malformed or inconsistent; the message names file, key and fix."""
 
+    @classmethod
+    def at_key(cls, profile_name: str, key: str, problem: str, fix: str) -> ProfileError:
+        """A pre-flight check's failure: the profile, its key, what is wrong and the fix."""
+        return cls(f"profile {profile_name!r}: {key}: {problem}; fix: {fix}")
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

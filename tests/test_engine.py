@@ -10,8 +10,8 @@ from bentospec import vllm_api
 from bentospec.cpu_runtime import worker_cpus
 from bentospec.dataset import load_cases, render_cases
 from bentospec.engine import EngineStatus, SpecEngine
+from bentospec.engine_args import engine_dtype
 from bentospec.generation import RequestRejected, generate_full, stream_text, tokenized
-from bentospec.hardware import engine_dtype
 from bentospec.metrics import engine_counters
 from bentospec.profile import load_profile
 from bentospec.schemas import SamplingOptions

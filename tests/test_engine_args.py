@@ -16,10 +16,10 @@ import vllm
 from vllm.config.speculative import SpeculativeConfig, SpeculativeMethod
 from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
-from bentospec import settings
+from bentospec import engine_args, settings
 from bentospec.engine_args import engine_kwargs
-from bentospec.profile import Profile
-from tests.conftest import catalogue
+from bentospec.profile import Profile, load_profile
+from tests.conftest import CATALOGUE_DIR, catalogue
 
 PROFILES = catalogue()
 
@@ -161,3 +161,32 @@ def test_speculative_config_is_valid_for_vllm(profile: Profile) -> None:
         )
         assert lookup[1] == spec["num_speculative_tokens"]
         assert lookup[max_num_seqs] == schedule[-1][2]
+
+
+def _fail_if_probed() -> bool:
+    raise AssertionError("a GPU profile's dtype probed the CPU")
+
+
+@pytest.mark.parametrize(
+    ("bf16_gemm", "expected"),
+    [(False, "float32"), (True, "auto"), (None, "auto")],
+    ids=["avx2-only", "onednn-bf16", "no-onednn"],
+)
+def test_cpu_auto_dtype_follows_the_bf16_gemm(
+    monkeypatch: pytest.MonkeyPatch, bf16_gemm: bool | None, expected: str
+) -> None:
+    monkeypatch.setattr(engine_args.vllm_api, "cpu_bf16_gemm", lambda: bf16_gemm)
+    cpu = load_profile("cpu", CATALOGUE_DIR)
+    assert cpu.engine.dtype == "auto"
+    assert engine_args.engine_dtype(cpu) == expected
+    # A dtype the profile names is kept, whatever the host.
+    assert engine_args.engine_dtype(cpu.with_engine(dtype="bfloat16")) == "bfloat16"
+
+
+def test_gpu_profiles_keep_their_dtype_without_probing_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine_args.vllm_api, "cpu_bf16_gemm", _fail_if_probed)
+    for profile in PROFILES:
+        if profile.hardware.accelerator == "cuda":
+            assert engine_args.engine_dtype(profile) == profile.engine.dtype, profile.name

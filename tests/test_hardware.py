@@ -12,7 +12,7 @@ import pytest
 
 from bentospec import hardware
 from bentospec.hardware import GPU, Hardware, best_profile, select_profile
-from bentospec.profile import ProfileError, list_profiles, load_profile
+from bentospec.profile import ProfileError, list_profiles
 from tests.conftest import CATALOGUE_DIR, catalogue
 
 # Names and sizes as NVML reports them (MiB / 1024): an "80 GB" H100 has 79.6 GiB.
@@ -225,28 +225,3 @@ def test_detect_without_nvml_or_torch_finds_no_gpu_and_says_so(
 def test_detect_with_torch_seeing_no_cuda_finds_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     _modules(monkeypatch, None, fake_torch([]))
     assert DETECT() == Hardware()
-
-
-@pytest.mark.parametrize(
-    ("bf16_gemm", "expected"),
-    [(False, "float32"), (True, "auto"), (None, "auto")],
-    ids=["avx2-only", "onednn-bf16", "no-onednn"],
-)
-def test_cpu_auto_dtype_follows_the_bf16_gemm(
-    monkeypatch: pytest.MonkeyPatch, bf16_gemm: bool | None, expected: str
-) -> None:
-    monkeypatch.setattr(hardware.vllm_api, "cpu_bf16_gemm", lambda: bf16_gemm)
-    cpu = load_profile("cpu", CATALOGUE_DIR)
-    assert cpu.engine.dtype == "auto"
-    assert hardware.engine_dtype(cpu) == expected
-    # A dtype the profile names is kept, whatever the host.
-    assert hardware.engine_dtype(cpu.with_engine(dtype="bfloat16")) == "bfloat16"
-
-
-def test_gpu_profiles_keep_their_dtype_without_probing_the_cpu(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(hardware.vllm_api, "cpu_bf16_gemm", _fail_if_probed)
-    for profile in CATALOGUE:
-        if profile.hardware.accelerator == "cuda":
-            assert hardware.engine_dtype(profile) == profile.engine.dtype, profile.name
