@@ -14,22 +14,28 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import openai
 import pytest
 from hypothesis import HealthCheck, Phase
 from hypothesis import settings as hypothesis_settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from bentospec import settings
+from bentospec.bench.results import BenchRow, RequestCount, Via, WorkloadName
 
 # Re-exported: the tests start servers with the benchmark's launcher.
-from bentospec.bench.servers import ServerProcess as ServerProcess
+from bentospec.bench.servers import BentoServer as BentoServer
+from bentospec.bench.servers import Server
 from bentospec.bench.servers import free_port as free_port
 from bentospec.engine import SpecEngine
-from bentospec.profile import Profile, list_profiles, load_profile
+from bentospec.metrics import SpecCounters
+from bentospec.profile import Profile, SpeculativeSpec, list_profiles, load_profile
 
 ROOT = settings.PROJECT_ROOT
 #: The repository's profile catalogue, whatever ``BENTOSPEC_CONFIG_DIR`` says.
 CATALOGUE_DIR: Path = settings.CONFIG_DIR.default
+#: Profiles with one deliberate mistake each.
+BAD_PROFILES = ROOT / "tests" / "bad_profiles"
 T = TypeVar("T")
 
 # No hub is reachable in tests: fail fast instead of retrying downloads.
@@ -54,11 +60,46 @@ def catalogue() -> list[Profile]:
     return [load_profile(name, CATALOGUE_DIR) for name in list_profiles(CATALOGUE_DIR)]
 
 
+def sse_events(text: str) -> list[str]:
+    """The ``data:`` fields of an SSE body, comments skipped, ``[DONE]`` included."""
+    return [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data:")]
+
+
 def sse_payloads(text: str) -> list[Any]:
     """The JSON payloads of an SSE body (comments skipped), which must end with ``[DONE]``."""
-    events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data:")]
+    events = sse_events(text)
     assert events and events[-1] == "[DONE]", text[-500:]
     return [json.loads(e) for e in events[:-1]]
+
+
+def openai_client(
+    server: Server,
+    *,
+    api_key: str = "unused",
+    timeout: float = 300,
+    max_retries: int = openai.DEFAULT_MAX_RETRIES,
+) -> openai.OpenAI:
+    """The openai SDK on ``server``'s OpenAI routes."""
+    return openai.OpenAI(
+        base_url=f"{server.url}/v1", api_key=api_key, timeout=timeout, max_retries=max_retries
+    )
+
+
+#: Fixtures that start a real server or engine, and the marker every test using one gets, so
+#: the fast suite (``-m "not engine and not server and not slow"``) never starts one.
+HEAVY_FIXTURES = {
+    "server": "server",
+    "adaptive_server": "server",
+    "draft_server": "server",
+    "cpu_engine": "engine",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in HEAVY_FIXTURES.keys() & set(getattr(item, "fixturenames", ())):
+            item.add_marker(HEAVY_FIXTURES[fixture])
 
 
 class LoopThread:
@@ -104,6 +145,50 @@ def fuzz_settings(max_examples: int = CI_FUZZ_EXAMPLES) -> hypothesis_settings:
     )
 
 
+#: The speculation of a benchmark row made by :func:`make_row`.
+NGRAM = SpeculativeSpec(
+    method="ngram", num_speculative_tokens=5, prompt_lookup_min=2, prompt_lookup_max=5
+)
+
+
+def make_row(
+    config: str = "cpu",
+    concurrency: int = 1,
+    tokens_per_s: float = 100.0,
+    speculative: SpeculativeSpec | None = NGRAM,
+    via: Via = "engine",
+    round_: int = 1,
+    workload: WorkloadName = "greedy",
+    tokens: tuple[int, ...] = (600, 400),
+    variant: str = "",
+    ttft_ms: float = 50.0,
+) -> BenchRow:
+    """A row of two requests measuring ``tokens_per_s`` (their tokens over the wall time)."""
+    total = sum(tokens)
+    return BenchRow(
+        config=config,
+        via=via,
+        model="m",
+        speculative=speculative,
+        variant=variant,
+        workload=workload,
+        round=round_,
+        concurrency=concurrency,
+        requests=[RequestCount(prompt=i, tokens=n, digest=f"d{n}") for i, n in enumerate(tokens)],
+        output_tokens=total,
+        counter_tokens=total,
+        wall_s=total / tokens_per_s,
+        ttft_ms_p50=ttft_ms,
+        ttft_ms_p95=80.0,
+        itl_ms_p50=10.0,
+        itl_ms_p95=20.0,
+        spec=SpecCounters(drafts=10, draft_tokens=50, accepted_tokens=20)
+        if speculative
+        else SpecCounters(),
+        load_avg=0.5,
+    )
+
+
 @pytest.fixture(scope="session")
 def loop() -> Iterator[LoopThread]:
     runner = LoopThread()
@@ -121,21 +206,21 @@ def cpu_engine(loop: LoopThread) -> Iterator[SpecEngine]:
 
 
 @pytest.fixture(scope="session")
-def server() -> Iterator[ServerProcess]:
+def server() -> Iterator[BentoServer]:
     """``bentoml serve`` on the ``cpu`` profile, ready."""
-    with ServerProcess("cpu") as proc:
+    with BentoServer("cpu") as proc:
         yield proc
 
 
 @pytest.fixture(scope="session")
-def adaptive_server() -> Iterator[ServerProcess]:
+def adaptive_server() -> Iterator[BentoServer]:
     """``bentoml serve`` on ``cpu-adaptive`` (vLLM's ``custom_class`` proposer path), ready."""
-    with ServerProcess("cpu-adaptive") as proc:
+    with BentoServer("cpu-adaptive") as proc:
         yield proc
 
 
 @pytest.fixture(scope="session")
-def draft_server() -> Iterator[ServerProcess]:
+def draft_server() -> Iterator[BentoServer]:
     """``bentoml serve`` on the ``cpu-draft`` profile (a draft model rather than ngram), ready."""
-    with ServerProcess("cpu-draft") as proc:
+    with BentoServer("cpu-draft") as proc:
         yield proc

@@ -27,57 +27,13 @@ from bentospec.bench.results import (
     BenchSettings,
     ConfigId,
     Provenance,
-    RequestCount,
 )
 from bentospec.bench.servers import vllm_cli_args
 from bentospec.bench.stats import Counters, RequestRecord, Spread
 from bentospec.cli import build_parser
 from bentospec.metrics import SpecCounters
 from bentospec.profile import SpeculativeSpec, load_profile
-from tests.conftest import ROOT
-
-NGRAM = SpeculativeSpec(
-    method="ngram", num_speculative_tokens=5, prompt_lookup_min=2, prompt_lookup_max=5
-)
-
-
-def make_row(
-    config: str = "cpu",
-    concurrency: int = 1,
-    tokens_per_s: float = 100.0,
-    speculative: SpeculativeSpec | None = NGRAM,
-    via: results.Via = "engine",
-    round_: int = 1,
-    workload: results.WorkloadName = "greedy",
-    tokens: tuple[int, ...] = (600, 400),
-    variant: str = "",
-    ttft_ms: float = 50.0,
-) -> BenchRow:
-    """A row of two requests measuring ``tokens_per_s`` (their tokens over the wall time)."""
-    total = sum(tokens)
-    return BenchRow(
-        config=config,
-        via=via,
-        model="m",
-        speculative=speculative,
-        variant=variant,
-        workload=workload,
-        round=round_,
-        concurrency=concurrency,
-        requests=[RequestCount(prompt=i, tokens=n, digest=f"d{n}") for i, n in enumerate(tokens)],
-        output_tokens=total,
-        counter_tokens=total,
-        wall_s=total / tokens_per_s,
-        ttft_ms_p50=ttft_ms,
-        ttft_ms_p95=80.0,
-        itl_ms_p50=10.0,
-        itl_ms_p95=20.0,
-        spec=SpecCounters(drafts=10, draft_tokens=50, accepted_tokens=20)
-        if speculative
-        else SpecCounters(),
-        load_avg=0.5,
-    )
-
+from tests.conftest import NGRAM, ROOT, make_row
 
 # --- arithmetic ---------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bentospec.bench import checks, render
 from bentospec.bench.results import NO_SPEC, BenchRow, RequestCount
-from tests.test_bench import make_row
+from tests.conftest import make_row
 
 
 def with_outputs(row: BenchRow, *outputs: list[int]) -> BenchRow:

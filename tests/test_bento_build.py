@@ -24,10 +24,10 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from bentospec.packaging import LOCK_PLATFORM, LOCKS, PYTHON_VERSION, Lock
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 SECRETS = {"HF_TOKEN": "hf_bentospec_TEST_SECRET_1234", "BENTOSPEC_API_KEY": "key-TEST-SECRET-5678"}
 #: The Dockerfile line that installs the Bento's requirements (BentoML's base_v2 template).
 REQUIREMENTS_INSTALL = "pip install -r $BENTO_PATH/env/python/requirements.txt"

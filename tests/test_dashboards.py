@@ -21,7 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bentospec.kubernetes import adapter_rules
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import ROOT, BentoServer
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "bentospec-speculation.json"
 RULES = ROOT / "deploy" / "prometheus" / "bentospec-alerts.yaml"
@@ -112,6 +112,7 @@ def test_promql_references_finds_metrics_and_labels() -> None:
     }
 
 
+@pytest.mark.slow
 def test_alert_rules_pass_promtool() -> None:
     for args in (["check", "rules", RULES.name], ["test", "rules", RULE_TESTS.name]):
         done = subprocess.run(
@@ -120,6 +121,7 @@ def test_alert_rules_pass_promtool() -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_dashboard_queries_parse_with_promtool(tmp_path: Path) -> None:
     """Each panel query, with Grafana's variables filled in, is valid PromQL."""
     dashboard = json.loads(DASHBOARD.read_text())
@@ -151,7 +153,7 @@ def exported(text: str) -> dict[str, set[str]]:
 
 
 @pytest.mark.server
-def test_dashboard_and_rules_reference_only_exported_metrics(server: ServerProcess) -> None:
+def test_dashboard_and_rules_reference_only_exported_metrics(server: BentoServer) -> None:
     with httpx.Client(base_url=server.url, timeout=300) as client:
         # A prompt that repeats itself, so ngram drafts, then one more request to flush the
         # spec-decode stats vLLM records with the next step.
@@ -179,7 +181,7 @@ def test_dashboard_and_rules_reference_only_exported_metrics(server: ServerProce
 
 
 @pytest.mark.server
-def test_profile_info_and_engine_ready_gauges(server: ServerProcess) -> None:
+def test_profile_info_and_engine_ready_gauges(server: BentoServer) -> None:
     families = text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
     values = {
         (s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples

@@ -27,10 +27,9 @@ from bentospec.kubernetes import (
     startup_seconds,
     waiting_target,
 )
-from bentospec.model_store import is_hub_reference
 from bentospec.profile import list_profiles, load_profile
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_CONFIGS = sorted((ROOT / "deploy").glob("*.yaml"))
 #: Kubernetes version whose schemas the manifests must satisfy (strict: no unknown fields).
 KUBERNETES_VERSION = "1.33"
@@ -51,10 +50,7 @@ def service_name() -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def _is_hub(profile_name: str) -> bool:
-    return any(map(is_hub_reference, load_profile(profile_name).model_refs()))
-
-
+@pytest.mark.slow  # service_name imports vLLM through service.py
 @pytest.mark.parametrize("path", DEPLOY_CONFIGS, ids=lambda p: p.stem)
 def test_bentocloud_config_agrees_with_its_profile(path: Path, service_name: str) -> None:
     profile = load_profile(path.stem)
@@ -76,11 +72,12 @@ def test_bentocloud_config_agrees_with_its_profile(path: Path, service_name: str
         assert kind == "cpu"
     else:
         assert (kind, int(gpu[-1])) == ("gpu", profile.hardware.gpu_count), svc.instance_type
-    assert ("hf-token" in config.secrets) == _is_hub(path.stem)
+    assert ("hf-token" in config.secrets) == profile.needs_hub_token()
 
 
-def render(profile: str, out: Path, *args: str) -> list[dict]:
-    assert cli.main(["deploy", "kubernetes", "--profile", profile, "--out", str(out), *args]) == 0
+def render(profile_name: str, out: Path, *args: str) -> list[dict]:
+    command = ["deploy", "kubernetes", "--profile", profile_name, "--out", str(out), *args]
+    assert cli.main(command) == 0
     return list(yaml.safe_load_all((out / "manifests.yaml").read_text()))
 
 
@@ -110,7 +107,7 @@ def test_kubernetes_manifests_validate_and_follow_the_profile(
         for e in container["env"]
         if "valueFrom" in e
     }
-    assert ("HF_TOKEN" in secrets) == _is_hub(name)
+    assert ("HF_TOKEN" in secrets) == profile.needs_hub_token()
     limits = container["resources"]["limits"]
     assert int(limits.get("nvidia.com/gpu", 0)) == profile.hardware.gpu_count
 

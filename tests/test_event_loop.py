@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from bentospec.profile import load_profile
-from tests.conftest import ServerProcess
+from tests.conftest import BentoServer
 
 pytestmark = pytest.mark.server
 
@@ -64,7 +64,7 @@ async def _measure(url: str) -> tuple[list[float], float, float, list[int]]:
     return arrivals, start, end, statuses
 
 
-def test_long_prompts_in_flight_do_not_stall_a_concurrent_stream(server: ServerProcess) -> None:
+def test_long_prompts_in_flight_do_not_stall_a_concurrent_stream(server: BentoServer) -> None:
     arrivals, start, end, statuses = asyncio.run(_measure(server.url))
     # Each long prompt was tokenized: far more tokens than the context holds.
     assert statuses == [400] * BURST

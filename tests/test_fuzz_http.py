@@ -19,7 +19,7 @@ import schemathesis
 from hypothesis import given, settings
 from schemathesis import Case, GenerationMode
 
-from tests.conftest import ServerProcess, fuzz_settings
+from tests.conftest import BentoServer, fuzz_settings
 
 pytestmark = pytest.mark.server
 
@@ -41,7 +41,7 @@ EXAMPLES_PER_ROUTE = 15
 
 
 @pytest.fixture(scope="module")
-def service_schema(server: ServerProcess) -> Any:
+def service_schema(server: BentoServer) -> Any:
     """The service's spec, with schemathesis' masking of "secret-looking" values off: it
     printed ``max_completion_tokens``, ``return_token_ids`` and ``session_id`` as
     ``[Filtered]`` in reproductions, and this service's fields are no secrets."""
@@ -118,7 +118,7 @@ def assert_generates(operation: Any) -> None:
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_no_generated_request_gets_a_5xx_or_kills_the_engine(
-    service_schema: Any, server: ServerProcess, mode: GenerationMode, subtests: Any
+    service_schema: Any, server: BentoServer, mode: GenerationMode, subtests: Any
 ) -> None:
     """Every route, with requests that follow its schema (positive) and that break it."""
     for operation in operations(service_schema, mode):

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from bentospec import vllm_api
 from bentospec.model_store import resolve_model
 from bentospec.profile import load_profile
-from tests.conftest import ServerProcess, fuzz_settings
+from tests.conftest import BentoServer, fuzz_settings, sse_events
 
 pytestmark = pytest.mark.server
 
@@ -241,9 +241,7 @@ def send(client: httpx.Client, call: Call) -> str | None:
     if call.path == "/generate":
         return None  # raw text deltas; a stream cut off by an engine death raises in read()
     if call.stream:
-        events = [
-            line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data:")
-        ]
+        events = sse_events(text)
         if not events or events[-1] != "[DONE]":
             return f"stream not closed by [DONE]: {text[-300:]}"
         if any('"error"' in e for e in events):
@@ -262,7 +260,7 @@ def send(client: httpx.Client, call: Call) -> str | None:
 def test_every_generated_request_completes_or_names_its_field(
     profile: str, request: pytest.FixtureRequest
 ) -> None:
-    server: ServerProcess = request.getfixturevalue(SERVERS[profile])
+    server: BentoServer = request.getfixturevalue(SERVERS[profile])
 
     @fuzz_settings()
     @given(batch=batches(profile))

@@ -19,6 +19,7 @@ from starlette.types import Message
 
 from bentospec.errors import EngineUnavailable
 from bentospec.gate import GATED_PATHS, EngineGateMiddleware
+from tests.conftest import sse_events
 
 PATH = sorted(GATED_PATHS)[0]
 
@@ -142,7 +143,7 @@ def test_a_stream_the_engine_died_under_ends_with_a_retryable_error_event(
 ) -> None:
     chat = "/v1/chat/completions"
     r = gate(monkeypatch, Engine(None), dies_under=DEAD, path=chat, answer="events").post(chat)
-    events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+    events = sse_events(r.text)
     assert r.status_code == 200
     assert [json.loads(e) for e in events[:-1]] == [{"text": "Hel"}, {"error": RESTARTED}]
     assert events[-1] == "[DONE]"

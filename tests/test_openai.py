@@ -13,11 +13,10 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
-from openai import OpenAI
 
 from bentospec.metrics import SpecCounters
 from bentospec.profile import load_profile
-from tests.conftest import ServerProcess
+from tests.conftest import BentoServer, openai_client, sse_payloads
 
 pytestmark = pytest.mark.server
 
@@ -74,11 +73,7 @@ CAPITAL_QUESTION = [
 ]
 
 
-def _client(server: ServerProcess) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=300, max_retries=0)
-
-
-def _tool_call(server: ServerProcess, tool_choice: Any, stream: bool) -> tuple[str, str, str]:
+def _tool_call(server: BentoServer, tool_choice: Any, stream: bool) -> tuple[str, str, str]:
     """(function name, arguments, finish reason) of the first tool call of a greedy chat."""
     request: dict[str, Any] = {
         "model": MODEL,
@@ -89,7 +84,7 @@ def _tool_call(server: ServerProcess, tool_choice: Any, stream: bool) -> tuple[s
         "temperature": 0,
         "max_tokens": 128,
     }
-    client = _client(server)
+    client = openai_client(server, max_retries=0)
     if not stream:
         choice = client.chat.completions.create(**request).choices[0]
         calls = choice.message.tool_calls
@@ -123,7 +118,7 @@ def _tool_call(server: ServerProcess, tool_choice: Any, stream: bool) -> tuple[s
     ids=["required", "named"],
 )
 def test_forced_tool_call_matches_the_tool_schema(
-    server: ServerProcess, tool_choice: Any, finish_reason: str, stream: bool
+    server: BentoServer, tool_choice: Any, finish_reason: str, stream: bool
 ) -> None:
     name, arguments, finish = _tool_call(server, tool_choice, stream)
     # "required" may pick either tool; the named choice only get_weather.
@@ -133,9 +128,9 @@ def test_forced_tool_call_matches_the_tool_schema(
     assert finish == finish_reason
 
 
-def test_auto_tool_choice_answers(server: ServerProcess) -> None:
+def test_auto_tool_choice_answers(server: BentoServer) -> None:
     """With "auto" the model decides; SmolLM2 (which never sees the tools) answers in text."""
-    reply = _client(server).chat.completions.create(
+    reply = openai_client(server, max_retries=0).chat.completions.create(
         model=MODEL,
         messages=WEATHER_QUESTION,
         tools=[WEATHER_TOOL],
@@ -149,17 +144,17 @@ def test_auto_tool_choice_answers(server: ServerProcess) -> None:
     assert message.tool_calls or message.content
 
 
-def _metrics(server: ServerProcess) -> SpecCounters:
+def _metrics(server: BentoServer) -> SpecCounters:
     return SpecCounters.from_prometheus_text(httpx.get(f"{server.url}/metrics").text)
 
 
-def _counters_after(server: ServerProcess, before: SpecCounters) -> SpecCounters:
+def _counters_after(server: BentoServer, before: SpecCounters) -> SpecCounters:
     """Spec-decode counters moved since ``before``, once vLLM has recorded the last steps.
 
     vLLM records a step's spec-decode stats with a later step's scheduler stats, so an idle
     engine may hold back the last ones: a one-token request (no speculation) flushes them.
     """
-    _client(server).completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+    openai_client(server, max_retries=0).completions.create(model=MODEL, prompt="Hi", max_tokens=1)
     deadline = time.monotonic() + 30
     while (moved := _metrics(server) - before).draft_tokens == 0 and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -180,11 +175,9 @@ RESPONSE_FORMATS = {
 def test_structured_output_with_speculation(
     request: pytest.FixtureRequest, profile: str, kind: str
 ) -> None:
-    server: ServerProcess = request.getfixturevalue(
-        "server" if profile == "cpu" else "draft_server"
-    )
+    server: BentoServer = request.getfixturevalue("server" if profile == "cpu" else "draft_server")
     before = _metrics(server)
-    reply = _client(server).chat.completions.create(
+    reply = openai_client(server, max_retries=0).chat.completions.create(
         model=MODEL,
         messages=CAPITAL_QUESTION,
         response_format=RESPONSE_FORMATS[kind],
@@ -209,9 +202,9 @@ def test_structured_output_with_speculation(
 # --- More routes ------------------------------------------------------------------------------
 
 
-def test_responses_api_answers_as_chat_does(server: ServerProcess) -> None:
+def test_responses_api_answers_as_chat_does(server: BentoServer) -> None:
     """A Responses request renders the same conversation as chat: same greedy answer."""
-    client, question = _client(server), "What is the capital of France?"
+    client, question = openai_client(server, max_retries=0), "What is the capital of France?"
     response = client.responses.create(
         model=MODEL, input=question, temperature=0, max_output_tokens=16
     )
@@ -231,11 +224,11 @@ def test_responses_api_answers_as_chat_does(server: ServerProcess) -> None:
     ids=["refusal", "empty"],
 )
 def test_responses_replaying_an_assistant_refusal_or_empty_message_completes(
-    server: ServerProcess, content: list[dict[str, str]]
+    server: BentoServer, content: list[dict[str, str]]
 ) -> None:
     """vLLM 0.32 read ``content[0].text`` of replayed assistant output: a 500 (fuzzer find)."""
     replayed = {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed"}
-    response = _client(server).responses.create(
+    response = openai_client(server, max_retries=0).responses.create(
         model=MODEL,
         input=[{**replayed, "content": content}, {"role": "user", "content": "Then say hi."}],
         temperature=0,
@@ -253,7 +246,7 @@ def test_responses_replaying_an_assistant_refusal_or_empty_message_completes(
     ],
 )
 def test_fields_of_a_type_vllm_crashes_on_are_400s_naming_them(
-    server: ServerProcess, path: str, field: str, value: object
+    server: BentoServer, path: str, field: str, value: object
 ) -> None:
     """Found by the OpenAPI fuzzer: vLLM answered these with a 500."""
     chat = {"messages": [{"role": "user", "content": "Hi"}]}
@@ -263,7 +256,7 @@ def test_fields_of_a_type_vllm_crashes_on_are_400s_naming_them(
     assert response.json()["error"]["param"] == field
 
 
-def test_tokenize_and_detokenize_round_trip(server: ServerProcess) -> None:
+def test_tokenize_and_detokenize_round_trip(server: BentoServer) -> None:
     text = "The capital of France is Paris."
     with httpx.Client(base_url=server.url, timeout=60) as client:
         tokens = client.post("/tokenize", json={"model": MODEL, "prompt": text}).json()
@@ -273,7 +266,7 @@ def test_tokenize_and_detokenize_round_trip(server: ServerProcess) -> None:
     assert back.json()["prompt"] == text
 
 
-def test_routes_of_vllm_kept_private(server: ServerProcess) -> None:
+def test_routes_of_vllm_kept_private(server: BentoServer) -> None:
     """Only the documented routes of ``vllm serve`` are served (no LoRA loading, no profiler)."""
     for path in ("/v1/load_lora_adapter", "/start_profile", "/v1/messages"):
         assert httpx.post(f"{server.url}{path}", json={}).status_code == 404, path
@@ -285,14 +278,12 @@ OPEA_CHAT = {"model": MODEL, "messages": "What is Deep Learning?", "max_tokens":
 
 
 def _sse_text(response: httpx.Response) -> str:
-    lines = [line for line in response.iter_lines() if line.startswith("data: ")]
-    assert lines[-1] == "data: [DONE]", lines[-3:]
-    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    chunks = sse_payloads(response.read().decode())
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-def test_opea_string_messages_is_one_user_message(server: ServerProcess, stream: bool) -> None:
+def test_opea_string_messages_is_one_user_message(server: BentoServer, stream: bool) -> None:
     """OPEA's form answers as the same conversation with one user message would (greedy)."""
     url = f"{server.url}/v1/chat/completions"
     as_list = [{"role": "user", "content": OPEA_CHAT["messages"]}]
@@ -312,7 +303,7 @@ def test_opea_string_messages_is_one_user_message(server: ServerProcess, stream:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-def test_opea_verbatim_string_messages_request(server: ServerProcess, stream: bool) -> None:
+def test_opea_verbatim_string_messages_request(server: BentoServer, stream: bool) -> None:
     """OPEA's documented request, as sent (no temperature): 200 with 17 tokens at most."""
     url = f"{server.url}/v1/chat/completions"
     with httpx.Client(timeout=120) as client:

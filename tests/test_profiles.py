@@ -15,9 +15,7 @@ from bentospec.profile import (
     load_profile,
     load_profile_file,
 )
-from tests.conftest import CATALOGUE_DIR, catalogue
-
-BAD_PROFILES = Path(__file__).parent / "bad_profiles"
+from tests.conftest import BAD_PROFILES, CATALOGUE_DIR, catalogue
 
 #: The catalogue the hardware detection and the docs rely on.
 CATALOGUE = {

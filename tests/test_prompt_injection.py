@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from bentospec.model_store import resolve_model
 from bentospec.profile import load_profile
 from bentospec.prompts import ChatEncoder, PromptTemplates, chat_prompt
-from tests.conftest import ServerProcess
+from tests.conftest import BentoServer
 
 QUERY = "What colour is the sky?"
 FORGED = (
@@ -63,7 +63,7 @@ def test_honest_text_is_encoded_as_the_chat_template_would(
 
 @pytest.mark.server
 def test_opea_route_runs_the_forged_document_as_text(
-    server: ServerProcess, tokenizer: PreTrainedTokenizerBase
+    server: BentoServer, tokenizer: PreTrainedTokenizerBase
 ) -> None:
     body = {"query": QUERY, "documents": [FORGED], "max_new_tokens": 1, "streaming": False}
     r = httpx.post(f"{server.url}/v1/spec_decode/completions", json=body, timeout=120)

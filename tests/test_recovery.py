@@ -7,19 +7,17 @@ while it loads fails once, and the next worker serves.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import yaml
-from openai import InternalServerError, OpenAI
+from openai import InternalServerError
 
 from bentospec.watchdog import FIRST_BACKOFF_SECONDS
-from tests.conftest import CATALOGUE_DIR, ServerProcess, wait_for
+from tests.conftest import CATALOGUE_DIR, BentoServer, openai_client, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -33,30 +31,21 @@ def model_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def failing_server(tmp_path: Path, model_dir: Path) -> Iterator[ServerProcess]:
+def failing_server(tmp_path: Path, model_dir: Path) -> Iterator[BentoServer]:
     profile = yaml.safe_load((CATALOGUE_DIR / "cpu-nospec.yaml").read_text())
     profile["model"]["id"] = str(model_dir)
     configs = tmp_path / "configs"
     configs.mkdir()
     (configs / f"{PROFILE_NAME}.yaml").write_text(yaml.safe_dump(profile))
-    proc = ServerProcess(PROFILE_NAME, env={"BENTOSPEC_CONFIG_DIR": str(configs)})
+    proc = BentoServer(PROFILE_NAME, env={"BENTOSPEC_CONFIG_DIR": str(configs)})
     try:
         yield proc
     finally:
         proc.stop()
 
 
-def _children(proc: ServerProcess, needle: str) -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process(proc.proc.pid).children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if needle in " ".join(child.cmdline()) or needle in child.name():
-                found.append(child)
-    return found
-
-
 def test_failed_load_restarts_the_worker_with_a_growing_wait(
-    failing_server: ServerProcess, model_dir: Path
+    failing_server: BentoServer, model_dir: Path
 ) -> None:
     log = failing_server.log_path.read_text
     # The first failure restarts at once, the second waits FIRST_BACKOFF_SECONDS.
@@ -81,7 +70,7 @@ def test_failed_load_restarts_the_worker_with_a_growing_wait(
         health = client.get("/v1/health_check")
         assert health.status_code == 503 and health.json()["engine"] == "failed"
     # OpenAI clients read the same 503 body as an error of their own.
-    openai = OpenAI(base_url=f"{failing_server.url}/v1", api_key="unused", max_retries=0)
+    openai = openai_client(failing_server, timeout=600, max_retries=0)
     with pytest.raises(InternalServerError) as caught:
         openai.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=2)
     assert caught.value.status_code == 503 and caught.value.type == "ServiceUnavailable"
@@ -89,16 +78,16 @@ def test_failed_load_restarts_the_worker_with_a_growing_wait(
 
 @pytest.mark.engine
 def test_engine_core_killed_during_load_is_recovered_by_a_new_worker() -> None:
-    server = ServerProcess("cpu")
+    server = BentoServer("cpu")
     try:
-        assert wait_for(lambda: bool(_children(server, "EngineCore")), 600)
-        (worker,) = _children(server, "_bentoml_impl.worker.service")
-        for core in _children(server, "EngineCore"):
+        assert wait_for(lambda: bool(server.children("EngineCore")), 600)
+        (worker,) = server.children("_bentoml_impl.worker.service")
+        for core in server.children("EngineCore"):
             core.kill()
         server.wait_ready(900)
         log = server.log_path.read_text()
         assert "background task 'engine load' failed" in log and "restart 1 in a row" in log
-        (new_worker,) = _children(server, "_bentoml_impl.worker.service")
+        (new_worker,) = server.children("_bentoml_impl.worker.service")
         assert new_worker.pid != worker.pid
         r = httpx.post(
             f"{server.url}/generate_full", json={"prompt": "Hi", "max_tokens": 2}, timeout=120

@@ -22,15 +22,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import yaml
 from fastapi.routing import APIRoute
-from openai import OpenAI
 
 from bentospec import settings
 from bentospec.profile import list_profiles, load_profile
-from tests.conftest import CATALOGUE_DIR, ROOT, ServerProcess, free_port, sse_payloads, wait_for
+from tests.conftest import (
+    CATALOGUE_DIR,
+    ROOT,
+    BentoServer,
+    free_port,
+    openai_client,
+    sse_payloads,
+    wait_for,
+)
 
 MODEL = "smollm2-135m-instruct"
 PROFILE = load_profile("cpu")
@@ -212,7 +218,7 @@ BAD_INPUT = {
 
 @pytest.mark.server
 @pytest.mark.parametrize("case", BAD_INPUT.values(), ids=BAD_INPUT.keys())
-def test_bad_input_is_4xx_naming_the_problem_and_harmless(server: ServerProcess, case: Bad) -> None:
+def test_bad_input_is_4xx_naming_the_problem_and_harmless(server: BentoServer, case: Bad) -> None:
     r = httpx.post(f"{server.url}{case.route}", content=case.body, headers=JSON, timeout=120)
     assert r.status_code == case.status, r.text[:500]
     assert case.names in r.text, r.text[:500]
@@ -236,7 +242,7 @@ def test_bad_input_table_covers_every_route_that_takes_a_body() -> None:
 
 
 @pytest.mark.server
-def test_dropped_stream_aborts_the_engine_request(server: ServerProcess) -> None:
+def test_dropped_stream_aborts_the_engine_request(server: BentoServer) -> None:
     with httpx.Client(base_url=server.url, timeout=120) as client:
         before = engine_gauges(client)
         # Long enough (~15 s here) to still be generating when the gauges are read.
@@ -377,7 +383,7 @@ async def _burst(url: str, words: list[str], figures: LoadFigures) -> None:
 
 
 @pytest.mark.server
-def test_64_concurrent_streams_complete_or_get_fast_429(server: ServerProcess) -> None:
+def test_64_concurrent_streams_complete_or_get_fast_429(server: BentoServer) -> None:
     assert len(set(WORDS)) == CONCURRENCY
     first = LoadFigures()
     asyncio.run(_burst(server.url, WORDS, first))
@@ -451,7 +457,7 @@ def test_no_pickle_eval_or_exec_in_the_project_source() -> None:
 
 @pytest.mark.server
 @pytest.mark.parametrize("route", ["/generate", "/generate_full"])
-def test_bentoml_pickle_payload_is_refused(server: ServerProcess, route: str) -> None:
+def test_bentoml_pickle_payload_is_refused(server: BentoServer, route: str) -> None:
     # Deserialising this would be code execution; BentoML must refuse it on the main server.
     payload = b"\x80\x05\x95\x15\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x06prompt\x94\x8c\x02hi\x94s."
     r = httpx.post(
@@ -464,6 +470,7 @@ def test_bentoml_pickle_payload_is_refused(server: ServerProcess, route: str) ->
     assert_still_serving(server.url)
 
 
+@pytest.mark.slow
 def test_profile_name_cannot_escape_configs() -> None:
     out = subprocess.run(
         [
@@ -490,9 +497,9 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def own_server() -> Iterator[ServerProcess]:
+def own_server() -> Iterator[BentoServer]:
     """A server to kill and stop, with recognisable secrets in its environment."""
-    with ServerProcess("cpu", env={settings.API_KEY.name: API_KEY, "HF_TOKEN": HF_TOKEN}) as proc:
+    with BentoServer("cpu", env={settings.API_KEY.name: API_KEY, "HF_TOKEN": HF_TOKEN}) as proc:
         yield proc
 
 
@@ -501,7 +508,7 @@ def assert_no_secret(text: str) -> None:
 
 
 @pytest.mark.server
-def test_secrets_never_reach_logs_or_responses(own_server: ServerProcess) -> None:
+def test_secrets_never_reach_logs_or_responses(own_server: BentoServer) -> None:
     requests = [
         ("POST", "/generate_full", {}, PROBE, 401),
         ("POST", "/generate_full", {"Authorization": "Bearer wrong"}, PROBE, 401),
@@ -520,17 +527,6 @@ def test_secrets_never_reach_logs_or_responses(own_server: ServerProcess) -> Non
             assert_no_secret(r.text)
             assert_no_secret(str(r.headers))
     assert_no_secret(own_server.log_path.read_text(errors="replace"))
-
-
-def _children(proc: ServerProcess, needle: str) -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process(proc.proc.pid).children(recursive=True):
-        try:
-            if needle in child.name() or needle in " ".join(child.cmdline()):
-                found.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return found
 
 
 def _chat_stream(content: str, max_tokens: int) -> dict[str, object]:
@@ -625,10 +621,10 @@ def _complete(outcome: Outcome) -> bool:
 
 @pytest.mark.server
 def test_engine_death_under_load_answers_retry_then_a_new_engine_serves_in_the_same_worker(
-    own_server: ServerProcess,
+    own_server: BentoServer,
 ) -> None:
-    (worker,) = _children(own_server, "_bentoml_impl.worker.service")
-    (core,) = _children(own_server, "EngineCore")
+    (worker,) = own_server.children("_bentoml_impl.worker.service")
+    (core,) = own_server.children("EngineCore")
     with (
         concurrent.futures.ThreadPoolExecutor(len(UNDER_LOAD)) as pool,
         httpx.Client(base_url=own_server.url, timeout=120, headers=AUTH) as client,
@@ -653,7 +649,7 @@ def test_engine_death_under_load_answers_retry_then_a_new_engine_serves_in_the_s
             assert outcome.status == 503 and outcome.retry_after == "30", outcome
             assert "retry in 30 s" in json.loads(outcome.text)["error"]["message"], outcome
         # The openai SDK retries a 503 (twice by default), waiting the Retry-After it names.
-        sdk = OpenAI(base_url=f"{own_server.url}/v1", api_key=API_KEY)
+        sdk = openai_client(own_server, api_key=API_KEY, timeout=600)
         asked = time.monotonic()
         answer = sdk.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
         retried = time.monotonic() - asked
@@ -665,8 +661,8 @@ def test_engine_death_under_load_answers_retry_then_a_new_engine_serves_in_the_s
         f"the SDK's retried request completed {restart:.1f}s after the kill, same worker"
     )
     assert worker.is_running()
-    assert _children(own_server, "_bentoml_impl.worker.service") == [worker]
-    (new_core,) = _children(own_server, "EngineCore")
+    assert own_server.children("_bentoml_impl.worker.service") == [worker]
+    (new_core,) = own_server.children("EngineCore")
     assert new_core.pid != core.pid
     log = own_server.log_path.read_text()
     died = "engine core of profile 'cpu' died (exit code -9): starting a new engine in this worker"
@@ -686,7 +682,7 @@ def test_engine_death_under_load_answers_retry_then_a_new_engine_serves_in_the_s
 
 
 @pytest.mark.server
-def test_sigterm_drains_the_stream_in_flight(own_server: ServerProcess) -> None:
+def test_sigterm_drains_the_stream_in_flight(own_server: BentoServer) -> None:
     body = {"prompt": COUNTING, "max_tokens": 400, "temperature": 0}
     with (
         httpx.Client(base_url=own_server.url, timeout=120, headers=AUTH) as client,

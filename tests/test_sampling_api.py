@@ -12,11 +12,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from openai import OpenAI
 from openai.types.chat import ChatCompletionTokenLogprob
 
 from bentospec.profile import load_profile
-from tests.conftest import ServerProcess, sse_payloads
+from tests.conftest import BentoServer, openai_client, sse_payloads
 
 pytestmark = pytest.mark.server
 
@@ -43,16 +42,16 @@ DESCALE = [
 
 
 @pytest.fixture(params=["cpu", "cpu-draft"])
-def any_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+def any_server(request: pytest.FixtureRequest) -> Iterator[BentoServer]:
     """The session's ``cpu`` server, then its ``cpu-draft`` server."""
     yield request.getfixturevalue("server" if request.param == "cpu" else "draft_server")
 
 
-def _opea(server: ServerProcess, body: dict[str, object]) -> httpx.Response:
+def _opea(server: BentoServer, body: dict[str, object]) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/spec_decode/completions", json=body, timeout=300)
 
 
-def test_opea_documented_request_succeeds_and_reports_typical_p(any_server: ServerProcess) -> None:
+def test_opea_documented_request_succeeds_and_reports_typical_p(any_server: BentoServer) -> None:
     r = _opea(any_server, OPEA_EXAMPLE)
     assert r.status_code == 200, r.text
     doc = r.json()
@@ -65,7 +64,7 @@ def test_opea_documented_request_succeeds_and_reports_typical_p(any_server: Serv
     assert doc["text"] == greedy["text"]
 
 
-def test_opea_documented_streaming_request_is_sse(any_server: ServerProcess) -> None:
+def test_opea_documented_streaming_request_is_sse(any_server: BentoServer) -> None:
     r = _opea(any_server, {**OPEA_EXAMPLE, "streaming": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     payloads = sse_payloads(r.text)
@@ -87,8 +86,8 @@ def _mean_logprob(contents: list[list[ChatCompletionTokenLogprob] | None]) -> fl
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_openai_chat_samples_coherent_text(any_server: ServerProcess, stream: bool) -> None:
-    client = OpenAI(base_url=f"{any_server.url}/v1", api_key="unused", timeout=300)
+def test_openai_chat_samples_coherent_text(any_server: BentoServer, stream: bool) -> None:
+    client = openai_client(any_server)
     kwargs = {"model": MODEL, "messages": DESCALE, "max_tokens": 24, "temperature": 0.7}
     answers, logprobs = [], []
     for seed in range(3):
@@ -108,8 +107,8 @@ def test_openai_chat_samples_coherent_text(any_server: ServerProcess, stream: bo
     assert _mean_logprob(logprobs) > COHERENT_LOGPROB, answers
 
 
-def test_top_k_and_n_sample_without_killing_the_engine(any_server: ServerProcess) -> None:
-    client = OpenAI(base_url=f"{any_server.url}/v1", api_key="unused", timeout=300)
+def test_top_k_and_n_sample_without_killing_the_engine(any_server: BentoServer) -> None:
+    client = openai_client(any_server)
     reply = client.chat.completions.create(
         model=MODEL,
         messages=DESCALE,
@@ -134,8 +133,8 @@ def test_top_k_without_top_p_returns_text_on_every_api(
 ) -> None:
     """Issue 19's requests: ``top_k`` with ``top_p`` left at 1 killed the engine core on CPU
     (docs/upstream/vllm-cpu-top-k-empty-step.md), on the ngram, custom_class and draft paths."""
-    server: ServerProcess = request.getfixturevalue(fixture)
-    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=300, max_retries=0)
+    server: BentoServer = request.getfixturevalue(fixture)
+    client = openai_client(server, max_retries=0)
     sampling = {"max_tokens": 20, "temperature": 0.8, "extra_body": {"top_k": 10}}
     texts = [client.completions.create(model=MODEL, prompt="The river", **sampling).choices[0].text]
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "The river"}], **sampling}
@@ -159,7 +158,7 @@ def test_top_k_without_top_p_returns_text_on_every_api(
     assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
 
 
-def test_own_api_samples_by_default_like_vllm(server: ServerProcess) -> None:
+def test_own_api_samples_by_default_like_vllm(server: BentoServer) -> None:
     """No temperature: the model's generation config, else 1.0 (as ``vllm serve``)."""
     prompt = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
     texts = {
@@ -183,7 +182,7 @@ REFUSABLE = {"none": {}, "min_p": {"min_p": 0.5}, "logit_bias": {"logit_bias": {
 
 
 def _sent(
-    server: ServerProcess, route: str, stream: bool, fields: dict[str, object]
+    server: BentoServer, route: str, stream: bool, fields: dict[str, object]
 ) -> httpx.Response:
     """``fields`` (sampling) on ``route`` in its API's request shape, 8 tokens at most."""
     if route == "/v1/spec_decode/completions":
@@ -226,7 +225,7 @@ ROUTES = [
 @pytest.mark.parametrize("refusable", list(REFUSABLE))
 @pytest.mark.parametrize("temperature", SWEPT_TEMPERATURES)
 def test_tiny_temperatures_sample_and_min_p_or_logit_bias_get_a_400_naming_it_on_every_route(
-    server: ServerProcess, temperature: float, refusable: str
+    server: BentoServer, temperature: float, refusable: str
 ) -> None:
     fields = {"temperature": temperature, **REFUSABLE[refusable]}
     for route, stream in ROUTES:

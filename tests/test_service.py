@@ -11,14 +11,13 @@ import time
 import bentoml
 import httpx
 import pytest
-from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from bentospec import __version__
 from bentospec.api_docs import README, README_SECTIONS, TAGS
 from bentospec.metrics import SpecCounters
 from bentospec.profile import load_profile
-from tests.conftest import ROOT, ServerProcess, sse_payloads
+from tests.conftest import ROOT, BentoServer, openai_client, sse_payloads
 
 MODEL = "smollm2-135m-instruct"
 #: The served profile's context (the session server runs ``cpu``).
@@ -27,7 +26,7 @@ QUESTION = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_sta
 
 
 @pytest.mark.server
-def test_readyz_was_503_while_livez_answered_then_200(server: ServerProcess) -> None:
+def test_readyz_was_503_while_livez_answered_then_200(server: BentoServer) -> None:
     assert server.probes[-1] == (200, 200)
     loading = [p for p in server.probes if p[1] == 503]
     assert loading, f"never saw /readyz 503 while loading: {server.probes}"
@@ -35,7 +34,7 @@ def test_readyz_was_503_while_livez_answered_then_200(server: ServerProcess) -> 
 
 
 @pytest.mark.server
-def test_log_names_the_engine_cores_openmp_and_allocator(server: ServerProcess) -> None:
+def test_log_names_the_engine_cores_openmp_and_allocator(server: BentoServer) -> None:
     """``bentoml serve`` preloads vLLM's prescribed CPU runtime, and its log says so."""
     log = server.log_path.read_text(errors="replace")
     assert re.search(r"runs with OpenMP libiomp5\.so and allocator libtcmalloc_minimal", log), log[
@@ -45,7 +44,8 @@ def test_log_names_the_engine_cores_openmp_and_allocator(server: ServerProcess) 
     assert "not found in LD_PRELOAD" not in log and "without Intel OpenMP" not in log
 
 
-def test_sync_client_streams_and_completes(server: ServerProcess) -> None:
+@pytest.mark.server
+def test_sync_client_streams_and_completes(server: BentoServer) -> None:
     with bentoml.SyncHTTPClient(server.url, timeout=120) as client:
         chunks = list(client.generate(prompt=QUESTION, max_tokens=24, temperature=0))
         result = client.generate_full(prompt=QUESTION, max_tokens=24, temperature=0)
@@ -57,7 +57,7 @@ def test_sync_client_streams_and_completes(server: ServerProcess) -> None:
 
 
 @pytest.mark.server
-def test_async_client_streams(server: ServerProcess) -> None:
+def test_async_client_streams(server: BentoServer) -> None:
     async def run() -> tuple[list[str], dict]:
         async with bentoml.AsyncHTTPClient(server.url, timeout=120) as client:
             greedy = {"prompt": QUESTION, "max_tokens": 16, "temperature": 0}
@@ -71,7 +71,7 @@ def test_async_client_streams(server: ServerProcess) -> None:
 
 
 @pytest.mark.server
-def test_curl_streams_raw_text(server: ServerProcess) -> None:
+def test_curl_streams_raw_text(server: BentoServer) -> None:
     out = subprocess.run(
         [
             "curl",
@@ -91,7 +91,7 @@ def test_curl_streams_raw_text(server: ServerProcess) -> None:
 
 
 @pytest.mark.server
-def test_speculation_counters_grow(server: ServerProcess) -> None:
+def test_speculation_counters_grow(server: BentoServer) -> None:
     with httpx.Client(base_url=server.url, timeout=120) as client:
         before = SpecCounters.from_prometheus_text(client.get("/metrics").text)
         # Greedy answers copy the document's words, which the ngram proposer drafts.
@@ -120,7 +120,7 @@ def test_speculation_counters_grow(server: ServerProcess) -> None:
 
 
 @pytest.mark.server
-def test_acceptance_gauges_on_metrics(server: ServerProcess) -> None:
+def test_acceptance_gauges_on_metrics(server: BentoServer) -> None:
     """The service refreshes its gauges from vLLM's counters every few seconds."""
     httpx.post(
         f"{server.url}/generate_full",
@@ -159,7 +159,7 @@ def test_acceptance_gauges_on_metrics(server: ServerProcess) -> None:
 )
 @pytest.mark.parametrize("route", ["/generate", "/generate_full"])
 def test_bad_input_is_400_naming_the_field(
-    server: ServerProcess, route: str, body: dict, field: str
+    server: BentoServer, route: str, body: dict, field: str
 ) -> None:
     r = httpx.post(f"{server.url}{route}", json=body, timeout=60)
     assert r.status_code == 400, r.text
@@ -167,7 +167,7 @@ def test_bad_input_is_400_naming_the_field(
 
 
 @pytest.mark.server
-def test_prompt_longer_than_context_is_400(server: ServerProcess) -> None:
+def test_prompt_longer_than_context_is_400(server: BentoServer) -> None:
     r = httpx.post(
         f"{server.url}/generate_full",
         json={"prompt": "word " * (CONTEXT + 100), "max_tokens": 8},
@@ -180,18 +180,14 @@ def test_prompt_longer_than_context_is_400(server: ServerProcess) -> None:
 # --- OpenAI API (vLLM's own serving layer around the service's engine) ---------------------
 
 
-def openai_client(server: ServerProcess) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120)
+@pytest.mark.server
+def test_openai_models_lists_the_profile_model(server: BentoServer) -> None:
+    assert [m.id for m in openai_client(server, timeout=120).models.list()] == [MODEL]
 
 
 @pytest.mark.server
-def test_openai_models_lists_the_profile_model(server: ServerProcess) -> None:
-    assert [m.id for m in openai_client(server).models.list()] == [MODEL]
-
-
-@pytest.mark.server
-def test_openai_chat_uses_the_chat_template(server: ServerProcess) -> None:
-    client = openai_client(server)
+def test_openai_chat_uses_the_chat_template(server: BentoServer) -> None:
+    client = openai_client(server, timeout=120)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     reply = client.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=24, temperature=0
@@ -209,8 +205,8 @@ def test_openai_chat_uses_the_chat_template(server: ServerProcess) -> None:
 
 
 @pytest.mark.server
-def test_openai_completions_stream_and_not(server: ServerProcess) -> None:
-    client = openai_client(server)
+def test_openai_completions_stream_and_not(server: BentoServer) -> None:
+    client = openai_client(server, timeout=120)
     full = client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=16, temperature=0)
     stream = client.completions.create(
         model=MODEL, prompt=QUESTION, max_tokens=16, temperature=0, stream=True
@@ -220,13 +216,13 @@ def test_openai_completions_stream_and_not(server: ServerProcess) -> None:
 
 
 @pytest.mark.server
-def test_opea_health_check(server: ServerProcess) -> None:
+def test_opea_health_check(server: BentoServer) -> None:
     r = httpx.get(f"{server.url}/v1/health_check", timeout=10)
     assert r.status_code == 200 and r.json()["status"] == "ok"
 
 
 @pytest.mark.server
-def test_opea_rag_completion_json(server: ServerProcess) -> None:
+def test_opea_rag_completion_json(server: BentoServer) -> None:
     body = {
         "query": "What is the capital of France?",
         "documents": ["Paris is the capital and largest city of France."],
@@ -241,7 +237,7 @@ def test_opea_rag_completion_json(server: ServerProcess) -> None:
 
 
 @pytest.mark.server
-def test_opea_stream_is_sse_via_curl(server: ServerProcess) -> None:
+def test_opea_stream_is_sse_via_curl(server: BentoServer) -> None:
     body = {
         "query": "What is Paris?",
         "documents": ["Paris is the capital of France."],
@@ -294,14 +290,14 @@ def test_opea_stream_is_sse_via_curl(server: ServerProcess) -> None:
         ({"query": "x", "unknown": True}, "unknown"),
     ],
 )
-def test_opea_bad_input_is_400(server: ServerProcess, body: dict, field: str) -> None:
+def test_opea_bad_input_is_400(server: BentoServer, body: dict, field: str) -> None:
     r = httpx.post(f"{server.url}/v1/spec_decode/completions", json=body, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["field"].startswith(field)
 
 
 @pytest.mark.server
-def test_request_without_drafts_reports_why(server: ServerProcess) -> None:
+def test_request_without_drafts_reports_why(server: BentoServer) -> None:
     r = httpx.post(
         f"{server.url}/generate_full", json={"prompt": QUESTION, "max_tokens": 1}, timeout=60
     )
@@ -335,13 +331,13 @@ ROUTE_GROUPS = {
 
 
 @pytest.mark.server
-def test_docs_json_lists_every_route(server: ServerProcess) -> None:
+def test_docs_json_lists_every_route(server: BentoServer) -> None:
     paths = httpx.get(f"{server.url}/docs.json", timeout=30).json()["paths"]
     assert set(ROUTES) <= set(paths), sorted(paths)
 
 
 @pytest.mark.server
-def test_docs_json_describes_the_project(server: ServerProcess) -> None:
+def test_docs_json_describes_the_project(server: BentoServer) -> None:
     spec = httpx.get(f"{server.url}/docs.json", timeout=30).json()
     assert spec["openapi"] == "3.1.0"  # the dialect of its schemas (pydantic v2, FastAPI)
     assert spec["info"]["version"] == __version__
@@ -370,7 +366,7 @@ def test_description_links_exist_in_the_readme() -> None:
 
 
 @pytest.mark.server
-def test_swagger_ui_renders_the_routes_in_chromium(server: ServerProcess, tmp_path) -> None:
+def test_swagger_ui_renders_the_routes_in_chromium(server: BentoServer, tmp_path) -> None:
     dom = subprocess.run(
         [
             "chromium",
@@ -410,7 +406,7 @@ COUNTED = "Count from 1 to 100: 1, 2, 3,"
 
 @pytest.mark.server
 def test_streamed_answers_report_the_counts_of_the_same_request_unstreamed(
-    server: ServerProcess,
+    server: BentoServer,
 ) -> None:
     with httpx.Client(base_url=server.url, timeout=120) as client:
         # The service's own routes: the text stream carries the whole answer of /generate_full.

@@ -16,8 +16,7 @@ from bentospec.bench.results import NO_SPEC, BenchRow
 from bentospec.cpu_host import HOST_CLASSES
 from bentospec.dataset import load_cases
 from bentospec.profile import SpeculativeSpec, load_profile, load_profile_file, profile_yaml
-from tests.conftest import ROOT
-from tests.test_bench import make_row
+from tests.conftest import ROOT, make_row
 
 
 def ngram(k: int, lo: int = 2, hi: int = 5) -> SpeculativeSpec:

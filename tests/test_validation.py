@@ -21,9 +21,7 @@ from bentospec.profile import (
     load_profile_file,
 )
 from bentospec.validation import MODEL_CONFIG_DIR, check_profile
-from tests.conftest import CATALOGUE_DIR, ROOT, catalogue
-
-BAD_PROFILES = Path(__file__).parent / "bad_profiles"
+from tests.conftest import BAD_PROFILES, CATALOGUE_DIR, ROOT, catalogue
 
 #: SmolLM2-135M-Instruct's config, as `bentospec models prepare` writes it (transformers 5).
 SMOLLM2_CONFIG = {

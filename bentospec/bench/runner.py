@@ -34,7 +34,7 @@ from bentospec.bench.results import (
     Via,
     summarize_level,
 )
-from bentospec.bench.servers import ServerProcess, VllmServer
+from bentospec.bench.servers import BentoServer, VllmServer
 from bentospec.bench.stats import Counters, RequestRecord
 from bentospec.cpu_host import detect_cpu_host
 from bentospec.dataset import PromptCase, render_cases
@@ -127,7 +127,7 @@ def service_target(
         if url
         else functools.partial(
             open_server,
-            functools.partial(ServerProcess, profile.name, variant.env),
+            functools.partial(BentoServer, profile.name, variant.env),
             profile.served_model_name,
         )
     )

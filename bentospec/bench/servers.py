@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 
@@ -28,6 +28,9 @@ from bentospec.engine_args import engine_kwargs
 from bentospec.model_store import resolve_model
 from bentospec.profile import Profile
 from bentospec.settings import PROJECT_ROOT
+
+if TYPE_CHECKING:
+    import psutil
 
 LOG_DIR = PROJECT_ROOT / "build"
 
@@ -86,16 +89,23 @@ class Server:
             + self.log_path.read_text(errors="replace")[-4000:]
         )
 
-    def engine_core_runtime(self) -> LoadedRuntime | None:
-        """The OpenMP library and allocator of the server's engine-core process (named
-        ``VLLM::EngineCore`` by vLLM), or ``None`` if there is none to read."""
+    def children(self, needle: str) -> list[psutil.Process]:
+        """The server's descendant processes whose name or command line contains ``needle``
+        (vLLM names its engine core ``VLLM::EngineCore``)."""
         import psutil  # a dependency of vLLM
 
+        found = []
         for child in psutil.Process(self.proc.pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
-                    return loaded_runtime(child.pid)
-        return None
+                if needle in child.name() or needle in " ".join(child.cmdline()):
+                    found.append(child)
+        return found
+
+    def engine_core_runtime(self) -> LoadedRuntime | None:
+        """The OpenMP library and allocator of the server's engine-core process, or ``None``
+        if there is none to read."""
+        cores = self.children("EngineCore")
+        return loaded_runtime(cores[0].pid) if cores else None
 
     def stop(self) -> None:
         """Stop the server and every process it started: an engine core whose server is
@@ -132,22 +142,23 @@ class Server:
         self.stop()
 
 
-class ServerProcess(Server):
-    """``bentoml serve`` of catalogue profile ``profile``, with a ``BENTOML_HOME`` of its own."""
+class BentoServer(Server):
+    """``bentoml serve`` of catalogue profile ``profile_name``, with a ``BENTOML_HOME`` of its
+    own."""
 
     def __init__(
-        self, profile: str, env: Mapping[str, str] | None = None, log_dir: Path = LOG_DIR
+        self, profile_name: str, env: Mapping[str, str] | None = None, log_dir: Path = LOG_DIR
     ) -> None:
         port = free_port()
         self.home = log_dir / f"bentoml-home-{port}"
         command = [
             *(sys.executable, "-m", "bentoml", "serve", "service:BentoSpec"),
-            *("--host", "127.0.0.1", "--port", str(port), "--arg", f"profile={profile}"),
+            *("--host", "127.0.0.1", "--port", str(port), "--arg", f"profile={profile_name}"),
         ]
         super().__init__(
             command,
             port,
-            log_dir / f"server-{profile}-{port}.log",
+            log_dir / f"server-{profile_name}-{port}.log",
             {"BENTOML_HOME": str(self.home), **(env or {})},
         )
 
