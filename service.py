@@ -31,7 +31,7 @@ from bentospec.generation import (
 from bentospec.hardware import select_profile
 from bentospec.metrics import SpecGauges, StatusGauges, engine_counters
 from bentospec.opea import build_opea_app
-from bentospec.openai_app import attach, build_openai_app, detach, serve
+from bentospec.openai_app import attach, build_openai_app, detach, store_engine
 from bentospec.packaging import bento_image
 from bentospec.prompts import PromptTemplates
 from bentospec.schemas import GenerateRequest, GenerateResult
@@ -86,7 +86,7 @@ class BentoSpec:
     async def start_engine(self) -> None:
         # The OpenAI and OPEA routes report the engine's state (a failed load's cause too).
         opea_app.state.engine = self.engine
-        serve(openai_app, self.engine)
+        store_engine(openai_app, self.engine)
         # Load in the background: awaiting here would block every route, /livez included.
         self._supervisor.spawn(self._load(), "engine load")
         # A dead engine core is replaced in this worker; a failed load restarts the worker.

@@ -260,14 +260,15 @@ def detach(app: FastAPI) -> None:
     app.state.bentospec_attached = False
 
 
-def serve(app: FastAPI, engine: SpecEngine) -> None:
-    """Route ``app``'s requests to ``engine``: 503 with its state until :func:`attach` ran."""
+def store_engine(app: FastAPI, engine: SpecEngine) -> None:
+    """Keep ``engine`` on ``app``, whose routes answer 503 with its state until :func:`attach`
+    points vLLM's serving layer at it."""
     app.state.bentospec_engine = engine
 
 
 async def attach(app: FastAPI, engine: SpecEngine) -> None:
     """Point vLLM's serving state at ``engine`` (call once it is ready)."""
-    serve(app, engine)
+    store_engine(app, engine)
     args = vllm_api.serve_args(serving_argv(engine))
     # `vllm serve` hands the engine's structured-output config (reasoning parser included, set
     # from the profile by engine_args) to its serving layer: the same object here.

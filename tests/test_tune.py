@@ -44,7 +44,7 @@ def measured(
 
 def test_candidates_cover_k_windows_and_the_profiles_draft() -> None:
     cpu = tune.candidates(load_profile("cpu"), [2, 5], [(1, 3), (2, 5)])
-    assert [p.name for p in cpu] == [
+    assert [c.label for c in cpu] == [
         "ngram-k2-n1-3",
         "ngram-k5-n1-3",
         "ngram-k2-n2-5",
@@ -52,15 +52,16 @@ def test_candidates_cover_k_windows_and_the_profiles_draft() -> None:
     ]
     draft_profile = load_profile("cpu-draft")
     draft = tune.candidates(draft_profile, [2, 5], [(2, 5)])
-    assert [p.name for p in draft] == [
+    assert [c.label for c in draft] == [
         "ngram-k2-n2-5",
         "ngram-k5-n2-5",
         "draft_model-k2",
         "draft_model-k5",
     ]
-    assert draft[-1].speculative is not None
-    assert draft[-1].speculative.model == draft_profile.speculative.model  # type: ignore[union-attr]
-    assert all(p.engine == draft_profile.engine for p in draft)
+    spec = draft[-1].profile.speculative
+    assert spec is not None
+    assert spec.model == draft_profile.speculative.model  # type: ignore[union-attr]
+    assert all(c.profile.engine == draft_profile.engine for c in draft)
 
 
 def test_split_holds_out_prompts_spread_over_the_list() -> None:

@@ -70,6 +70,17 @@ class EngineVariant(BaseModel):
 DEFAULT_VARIANT = EngineVariant()
 
 
+class BenchConfig(NamedTuple):
+    """A profile under the label its rows carry: its name, ``no-spec``, a tuning candidate's."""
+
+    label: str
+    profile: Profile
+
+    @classmethod
+    def of(cls, profile: Profile) -> BenchConfig:
+        return cls(profile.name, profile)
+
+
 class Target(NamedTuple):
     """One config and how to reach it; ``open`` starts what it needs and stops it after."""
 
@@ -79,39 +90,40 @@ class Target(NamedTuple):
     open: Callable[[], AbstractAsyncContextManager[Client]]
 
 
-def plan(profiles: Sequence[Profile]) -> list[Profile]:
-    """No speculation once per target model, then each speculative profile, in order.
+def plan(configs: Sequence[BenchConfig]) -> list[BenchConfig]:
+    """No speculation once per target model, then each speculative config, in order.
 
-    A baseline keeps the engine settings of the first profile naming its model.
+    A baseline keeps the engine settings of the first config naming its model.
     """
     baselines: dict[str, Profile] = {}
-    for profile in profiles:
+    for _, profile in configs:
         baselines.setdefault(profile.model.id, profile.without_speculation())
     many = len(baselines) > 1
     return [
         *(
-            p.model_copy(update={"name": f"{NO_SPEC} {p.served_model_name}" if many else NO_SPEC})
+            BenchConfig(f"{NO_SPEC} {p.served_model_name}" if many else NO_SPEC, p)
             for p in baselines.values()
         ),
-        *(p for p in profiles if p.speculative is not None),
+        *(c for c in configs if c.profile.speculative is not None),
     ]
 
 
-def config_id(profile: Profile, via: Via, variant: str = "") -> ConfigId:
+def config_id(config: BenchConfig, via: Via, variant: str = "") -> ConfigId:
     return ConfigId(
-        config=profile.name,
+        config=config.label,
         via=via,
-        model=profile.model.id,
-        speculative=profile.speculative,
+        model=config.profile.model.id,
+        speculative=config.profile.speculative,
         variant=variant,
     )
 
 
-def engine_target(profile: Profile, variant: EngineVariant = DEFAULT_VARIANT) -> Target:
-    """``profile`` (with ``variant``'s settings) in an engine of this process."""
+def engine_target(config: BenchConfig, variant: EngineVariant = DEFAULT_VARIANT) -> Target:
+    """``config`` (with ``variant``'s settings) in an engine of this process."""
+    profile = config.profile
     varied = profile.with_engine(**variant.engine) if variant.engine else profile
     return Target(
-        config_id(varied, "engine", variant.name),
+        config_id(BenchConfig(config.label, varied), "engine", variant.name),
         {"engine_args": engine_kwargs(varied), "env": variant.env},
         functools.partial(open_engine, varied, variant.env),
     )
@@ -136,7 +148,7 @@ def service_target(
         "url": url or "bentoml serve",
         "env": variant.env,
     }
-    return Target(config_id(profile, "service", variant.name), setup, opener)
+    return Target(config_id(BenchConfig.of(profile), "service", variant.name), setup, opener)
 
 
 def vllm_target(profile: Profile, variant: EngineVariant = DEFAULT_VARIANT) -> Target:
@@ -149,7 +161,7 @@ def vllm_target(profile: Profile, variant: EngineVariant = DEFAULT_VARIANT) -> T
         "server": "vllm.entrypoints.openai.api_server",
         "env": variant.env,
     }
-    return Target(config_id(profile, "vllm", variant.name), setup, opener)
+    return Target(config_id(BenchConfig.of(profile), "vllm", variant.name), setup, opener)
 
 
 def bench_targets(settings: BenchSettings) -> list[Target]:
@@ -173,7 +185,7 @@ def bench_targets(settings: BenchSettings) -> list[Target]:
     targets = (
         []
         if settings.url and not settings.compare_service
-        else list(map(engine_target, plan(profiles)))
+        else list(map(engine_target, plan(list(map(BenchConfig.of, profiles)))))
     )
     if settings.url or settings.compare_service:
         targets.append(service_target(first, settings.url))
