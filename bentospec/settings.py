@@ -89,6 +89,13 @@ CPU_PRELOAD: Variable[str] = Variable(
     "`auto`: the engine core preloads Intel OpenMP and tcmalloc where found (vLLM's CPU "
     "install guide); `off`: vLLM's own choice (GNU OpenMP, glibc malloc).",
 )
+CPU_RESERVED_BIND: Variable[str] = Variable(
+    "BENTOSPEC_CPU_RESERVED_BIND",
+    str,
+    "on",
+    "`on`: the engine core and the API process run on the cores vLLM's CPU worker is not bound "
+    "to (vLLM reserves them but binds nothing there); `off`: wherever the kernel puts them.",
+)
 HF_TOKEN: Variable[str | None] = Variable(
     "HF_TOKEN",
     str,
@@ -118,6 +125,7 @@ VARIABLES: tuple[Variable[object], ...] = (
     API_KEY,
     ENFORCE_EAGER,
     CPU_PRELOAD,
+    CPU_RESERVED_BIND,
     HF_TOKEN,
     FUZZ_EXAMPLES,
     FUZZ_DATABASE,
