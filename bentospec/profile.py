@@ -61,20 +61,26 @@ class ProfileError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Attribute docstrings become the fields' descriptions (and a test requires one for each).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class HardwareSpec(_Strict):
     """The machine a profile is written for: drives auto-detection and Bento resources."""
 
     accelerator: Literal["cpu", "cuda"] = "cpu"
+    """What the engine runs on; auto-detection picks a ``cuda`` profile only where CUDA GPUs
+    are found."""
     gpu_count: Annotated[int, Field(ge=0)] = 0
-    #: Memory of one GPU in GiB; the memory check uses it with ``gpu_memory_utilization``.
+    """GPUs the profile needs (BentoCloud reserves them); equals
+    ``engine.tensor_parallel_size``, since vLLM uses exactly that many."""
     gpu_memory_gib: Annotated[float, Field(gt=0)] | None = None
-    #: BentoCloud ``resources.gpu_type`` (for example ``nvidia-l4``).
+    """Memory of one GPU in GiB; the memory check uses it with ``gpu_memory_utilization``."""
     gpu_type: str | None = None
-    #: Substrings of the CUDA device name this profile fits (``"L4"``, ``"H100"``).
+    """BentoCloud ``resources.gpu_type`` (for example ``nvidia-l4``)."""
     gpu_names: tuple[str, ...] = ()
+    """Substrings of the CUDA device name this profile fits (``"L4"``, ``"H100"``); empty fits
+    any GPU with the memory."""
 
     def host_class(self) -> HostClass | None:
         """The class of this machine's CPU for a CPU profile (it picks the speculation
@@ -102,12 +108,16 @@ class HardwareSpec(_Strict):
 class ModelSpec(_Strict):
     """The target model."""
 
-    #: Hugging Face repo id, local directory, or ``bentospec:<name>`` for a model built offline.
     id: Annotated[str, Field(min_length=1)]
+    """Hugging Face repo id, local directory, or ``bentospec:<name>`` for a model built
+    offline."""
     revision: str | None = None
-    #: Name clients use in the OpenAI API (``model`` field); defaults to the profile's ``id``.
+    """Hub revision (branch, tag or commit) to load, so a pushed change cannot alter the served
+    model; unset: the default branch."""
     served_model_name: str | None = None
+    """Name clients use in the OpenAI API (``model`` field); defaults to ``id``."""
     trust_remote_code: bool = False
+    """Let vLLM run the model repo's own Python code (models not in transformers)."""
 
 
 #: One step of a batch-size schedule: (first batch size, last batch size, speculative tokens).
@@ -120,25 +130,35 @@ class SpeculativeSpec(_Strict):
     """How to speculate; mirrors the keys of vLLM's ``--speculative-config``."""
 
     method: SpeculativeMethod
-    #: Draft model / EAGLE head / MTP weights: repo id, local directory or ``bentospec:<name>``.
+    """How drafts are proposed: from the request's own tokens (``ngram``, ``suffix``,
+    ``adaptive-ngram``) or by draft weights (``draft_model``, EAGLE heads, MTP layers)."""
     model: str | None = None
+    """Draft model / EAGLE head / MTP weights: repo id, local directory or
+    ``bentospec:<name>``; only for the methods that load weights."""
     num_speculative_tokens: Annotated[int, Field(ge=1, le=16)]
+    """Draft tokens proposed per step (``k``); the most any schedule may ask for."""
     prompt_lookup_min: Annotated[int, Field(ge=1)] | None = None
+    """Ngram methods: the shortest suffix of the request looked up in its earlier tokens."""
     prompt_lookup_max: Annotated[int, Field(ge=1)] | None = None
+    """Ngram methods (required there): the longest suffix looked up."""
     draft_tensor_parallel_size: Annotated[int, Field(ge=1)] | None = None
-    #: Speculate fewer (or zero) tokens as the batch grows, where verification stops paying.
+    """GPUs a draft model is sharded over: 1 (a copy on each GPU) or the target's size;
+    unset: the target's."""
     num_speculative_tokens_per_batch_size: tuple[BatchSizeStep, ...] | None = None
-    #: CPU profiles: a ``num_speculative_tokens_per_batch_size`` per host class
-    #: (:mod:`bentospec.cpu_host`), taken at start for the class found, since what a verify
-    #: step costs depends on the class. A class not listed runs the schedule above.
+    """Speculate fewer (or zero) tokens as the batch grows, where verification stops paying."""
     host_schedules: dict[HostClass, tuple[BatchSizeStep, ...]] | None = None
+    """CPU profiles: a ``num_speculative_tokens_per_batch_size`` per host class
+    (:mod:`bentospec.cpu_host`), taken at start for the class found, since what a verify
+    step costs depends on the class. A class not listed runs the schedule above."""
     use_heterogeneous_vocab: bool = False
-    #: ``adaptive-ngram`` only (required there): measured time of one engine step by the number
-    #: of tokens it verifies across the batch, as (tokens, ms) points with rising tokens. The
-    #: proposer keeps a draft token only while it raises the batch's expected tokens per ms.
-    #: This curve is its prior: it rescales the curve from the engine's own step times as it
-    #: runs, and only the curve's shape matters, so points from another host still serve.
+    """``draft_model`` only: allow a draft whose vocabulary differs from the target's (the
+    pre-flight check refuses one otherwise)."""
     step_cost: tuple[StepCostPoint, ...] | None = None
+    """``adaptive-ngram`` only (required there): measured time of one engine step by the number
+    of tokens it verifies across the batch, as (tokens, ms) points with rising tokens. The
+    proposer keeps a draft token only while it raises the batch's expected tokens per ms.
+    This curve is its prior: it rescales the curve from the engine's own step times as it
+    runs, and only the curve's shape matters, so points from another host still serve."""
 
     @model_validator(mode="before")
     @classmethod
@@ -227,30 +247,47 @@ class EngineSpec(_Strict):
     """The vLLM engine arguments a profile may set (names as in ``vllm.AsyncEngineArgs``)."""
 
     max_model_len: Annotated[int, Field(ge=16)]
+    """Longest prompt plus completion, in tokens; the memory check needs one such sequence to
+    fit in the KV cache."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weight and activation dtype; a CPU profile's ``auto`` is float32 where the CPU has no
+    bf16 GEMM (:func:`bentospec.engine_args.engine_dtype`)."""
     tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
+    """GPUs the target is sharded over; equals ``hardware.gpu_count``."""
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """Share of each GPU's memory vLLM may take for weights, activations and KV cache."""
     max_num_seqs: Annotated[int, Field(ge=1)] = 64
+    """Sequences batched per step; one more waits in vLLM's queue, so it is also a replica's
+    concurrency for scaling (:func:`bentospec.kubernetes.replica_concurrency`)."""
     max_num_batched_tokens: Annotated[int, Field(ge=1)] | None = None
+    """Tokens one step may process (prefill chunks included); unset: vLLM's default."""
     kv_cache_memory_bytes: Annotated[int, Field(ge=1)] | None = None
+    """KV cache per GPU in bytes, instead of sizing it from ``gpu_memory_utilization``; the way
+    to size a CPU engine's cache."""
     kv_cache_dtype: str = "auto"
+    """KV cache dtype (``auto``: the model's; ``fp8`` halves it)."""
     quantization: str | None = None
+    """vLLM quantization method (``fp8``, ``awq``...); unset: as the checkpoint is."""
     enable_prefix_caching: bool | None = None
+    """Reuse the KV cache of shared prompt prefixes; unset: vLLM's default."""
     enforce_eager: bool = False
+    """Skip torch.compile and CUDA graphs: faster starts, slower steps
+    (``BENTOSPEC_ENFORCE_EAGER=1`` forces it for every profile)."""
     seed: int = 0
+    """The engine's random seed (vLLM's ``seed``); requests may set their own."""
 
 
 class ServingSpec(_Strict):
     """Service-level limits (BentoML ``traffic``)."""
 
-    #: Requests in flight per worker beyond which BentoML answers 503/429 at once.
     max_concurrency: Annotated[int, Field(ge=1)] = 32
-    #: Seconds a request may take before BentoML cancels it.
+    """Requests in flight per worker beyond which BentoML answers 503/429 at once."""
     timeout: Annotated[int, Field(ge=1)] = 600
-    #: Seconds a SIGTERM waits for requests in flight before the engine aborts them.
+    """Seconds a request may take before BentoML cancels it."""
     drain_timeout: Annotated[int, Field(ge=0)] = 30
-    #: Longest accepted prompt, in characters, checked before tokenizing.
+    """Seconds a SIGTERM waits for requests in flight before the engine aborts them."""
     max_prompt_chars: Annotated[int, Field(ge=1)] = 200_000
+    """Longest accepted prompt, in characters, checked before tokenizing."""
 
 
 class OpenAISpec(_Strict):
@@ -297,15 +334,21 @@ class Profile(_Strict):
     """A validated hardware profile."""
 
     name: str
+    """The catalogue file's stem (never a key in the file, so a name is always one file)."""
     description: str
+    """One line for ``bentospec profiles list``."""
     hardware: HardwareSpec = HardwareSpec()
+    """The machine it is written for."""
     model: ModelSpec
-    #: ``None`` serves without speculation.
+    """The target model."""
     speculative: SpeculativeSpec | None = None
+    """How to speculate; ``None`` serves without speculation."""
     engine: EngineSpec
+    """vLLM engine arguments."""
     serving: ServingSpec = ServingSpec()
-    #: Tool calling, reasoning and chat template of the OpenAI routes.
+    """BentoML's limits around the engine."""
     openai: OpenAISpec = OpenAISpec()
+    """Tool calling, reasoning and chat template of the OpenAI routes."""
 
     @model_validator(mode="after")
     def _host_schedules_on_cpu_only(self) -> Self:

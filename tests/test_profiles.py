@@ -7,10 +7,17 @@ from itertools import takewhile
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from bentospec.profile import (
+    EngineSpec,
+    HardwareSpec,
+    ModelSpec,
+    OpenAISpec,
     Profile,
     ProfileError,
+    ServingSpec,
+    SpeculativeSpec,
     list_profiles,
     load_profile,
     load_profile_file,
@@ -143,3 +150,13 @@ def test_openai_settings_reach_vllm() -> None:
     assert argv[argv.index("--tool-call-parser") + 1] == "glm45"
     assert "--enable-auto-tool-choice" in argv and "--chat-template" not in argv
     assert "reasoning_parser" not in engine_kwargs(load_profile("cpu", CATALOGUE_DIR))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [HardwareSpec, ModelSpec, SpeculativeSpec, EngineSpec, ServingSpec, OpenAISpec, Profile],
+    ids=lambda cls: cls.__name__,
+)
+def test_every_profile_field_says_what_it_is(spec: type[BaseModel]) -> None:
+    """Each field has a docstring under it (pydantic keeps it as the field's description)."""
+    assert [name for name, field in spec.model_fields.items() if not field.description] == []
