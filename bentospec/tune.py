@@ -22,8 +22,10 @@ from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel
 
+from bentospec.bench.figures import paired_speedups
+from bentospec.bench.records import NO_SPEC, BenchRow
 from bentospec.bench.render import describe, markdown_table, stats_table
-from bentospec.bench.results import NO_SPEC, BenchReport, BenchRow, paired_speedups
+from bentospec.bench.report import BenchReport
 from bentospec.bench.runner import BenchConfig, EngineVariant, Target, engine_target, plan
 from bentospec.cpu_host import HostClass
 from bentospec.dataset import PromptCase
@@ -36,7 +38,6 @@ from bentospec.profile import (
 DEFAULT_K = (2, 3, 5, 7)
 #: ngram lookup windows (min, max n-gram length): short matches often, long matches surely.
 DEFAULT_WINDOWS = ((1, 3), (2, 5))
-DEFAULT_CONCURRENCY = (1, 4, 16)
 #: Fields that vary within one family of candidates (same method, draft and window).
 _K_FIELDS = {"num_speculative_tokens", "num_speculative_tokens_per_batch_size", "host_schedules"}
 #: Name of the tuned profile in the validation rounds.

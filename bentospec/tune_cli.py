@@ -7,19 +7,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shlex
 import statistics
 from datetime import UTC, datetime
 from pathlib import Path
 
 from bentospec import tune
 from bentospec.bench import cli as bench_cli
+from bentospec.bench.commands import tune_command
+from bentospec.bench.records import BenchSettings
 from bentospec.bench.render import describe
-from bentospec.bench.results import BenchSettings
 from bentospec.bench.runner import BenchConfig, engine_target, plan, run_targets
 from bentospec.profile import load_profile, profile_path, profile_yaml
 from bentospec.tune import (
-    DEFAULT_CONCURRENCY,
     DEFAULT_K,
     DEFAULT_WINDOWS,
     TUNED,
@@ -108,7 +107,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=3,
         help="interleaved rounds on the validation prompts (default: 3)",
     )
-    bench_cli.add_load_arguments(parser, DEFAULT_CONCURRENCY, rounds=1)
+    bench_cli.add_load_arguments(parser, bench_cli.DEFAULT_CONCURRENCY, rounds=1)
     parser.set_defaults(handler=run)
 
 
@@ -127,26 +126,7 @@ def run(args: argparse.Namespace) -> int:
     tuning_cases, validation_cases = split_cases(
         bench_cli.selected_cases(args), args.validation_fraction
     )
-    command = "bentospec tune " + shlex.join(
-        [
-            *("--profile", profile.name, "--out", str(out)),
-            *(("--prompts", args.prompts) if args.prompts else ()),
-            *(("--categories", *args.categories) if args.categories else ()),
-            *(("--num-prompts", str(args.num_prompts)) if args.num_prompts is not None else ()),
-            *("--validation-fraction", f"{args.validation_fraction:g}"),
-            *("--k", ",".join(map(str, args.k))),
-            *("--windows", ",".join(f"{lo}:{hi}" for lo, hi in args.windows)),
-            *(
-                ("--batched-tokens", ",".join(map(str, args.batched_tokens)))
-                * bool(args.batched_tokens)
-            ),
-            *(arg for bind in args.bind for arg in ("--bind", bind)),
-            *("--max-tokens", str(args.max_tokens)),
-            *("--concurrency", ",".join(map(str, args.concurrency))),
-            *("--workloads", ",".join(args.workloads)),
-            *("--rounds", str(args.rounds), "--validation-rounds", str(args.validation_rounds)),
-        ]
-    )
+    command = tune_command(_settings(args, args.rounds, out), args, out)
     started = datetime.now(UTC)
     workload = args.workloads[0]
     tuning = asyncio.run(

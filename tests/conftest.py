@@ -21,7 +21,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from bentospec import settings
-from bentospec.bench.results import BenchRow, RequestCount, Via, WorkloadName
+from bentospec.bench.records import BenchRow, RequestCount, Via, WorkloadName
 
 # Re-exported: the tests start servers with the benchmark's launcher.
 from bentospec.bench.servers import BentoServer as BentoServer

@@ -16,18 +16,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bentospec.bench import checks, render, results, runner, stats
+from bentospec.bench import checks, commands, figures, render, runner, stats
 from bentospec.bench import cli as bench_cli
 from bentospec.bench.clients import OpenAIClient
-from bentospec.bench.results import (
+from bentospec.bench.records import (
     NO_SPEC,
     WORKLOADS,
-    BenchReport,
     BenchRow,
     BenchSettings,
     ConfigId,
     Provenance,
+    summarize_level,
 )
+from bentospec.bench.report import BenchReport
 from bentospec.bench.servers import vllm_cli_args
 from bentospec.bench.stats import Counters, RequestRecord, Spread
 from bentospec.cli import build_parser
@@ -118,7 +119,7 @@ def test_summarize_level_counts_tokens_from_the_responses() -> None:
         RequestRecord(prompt=1, tokens=2, digest="b", token_ids=[5, 6], ttft_s=0.3, itl_s=[0.02]),
     ]
     spec = SpecCounters(drafts=4, draft_tokens=12, accepted_tokens=6)
-    row = results.summarize_level(config, "greedy", 2, 4, records, 2.0, 7, spec, 1.5)
+    row = summarize_level(config, "greedy", 2, 4, records, 2.0, 7, spec, 1.5)
     assert (row.config, row.via, row.workload, row.round, row.concurrency) == (
         "cpu",
         "engine",
@@ -150,7 +151,7 @@ def test_speedups_pair_configs_within_a_round() -> None:
         make_row("cpu", 1, 95.0, via="service", round_=1),  # no baseline through the service
         make_row("cpu", 1, 70.0, workload="sampling"),  # no sampled baseline
     ]
-    by_config = {(s.config, s.via, s.workload): s for s in results.config_stats(rows)}
+    by_config = {(s.config, s.via, s.workload): s for s in figures.config_stats(rows)}
     cpu = by_config[("cpu", "engine", "greedy")]
     assert cpu.speedup == Spread(median=2.0, low=2.0, high=2.5, n=3)
     assert cpu.tokens_per_s == Spread(median=100.0, low=50.0, high=100.0, n=3)
@@ -170,7 +171,7 @@ def test_via_ratios_pair_service_and_vllm_by_round() -> None:
         make_row("cpu", 4, 50.0, via="vllm", round_=2, ttft_ms=50.0),
         make_row("cpu", 1, 10.0, via="service", round_=1),  # no vllm row to pair with
     ]
-    (ratio,) = results.via_ratios(rows, "service", "vllm")
+    (ratio,) = figures.via_ratios(rows, "service", "vllm")
     assert (ratio.config, ratio.concurrency, ratio.via, ratio.against) == (
         "cpu",
         4,
@@ -180,7 +181,7 @@ def test_via_ratios_pair_service_and_vllm_by_round() -> None:
     assert ratio.ratio.median == pytest.approx(0.93)
     assert (ratio.ratio.low, ratio.ratio.high) == (pytest.approx(0.9), pytest.approx(0.96))
     assert ratio.ttft_delta_ms == Spread(median=15.0, low=10.0, high=20.0, n=2)
-    assert results.via_ratios(rows, "service", "engine") == []
+    assert figures.via_ratios(rows, "service", "engine") == []
 
 
 def test_target_checks_use_the_issue_targets() -> None:
@@ -194,9 +195,9 @@ def test_target_checks_use_the_issue_targets() -> None:
         make_row("cpu", 1, 90.0, via="service"),
         make_row("cpu", 1, 100.0, via="vllm"),
     ]
-    report_stats = results.config_stats(rows)
-    ratios = results.via_ratios(rows, "service", "vllm")
-    checks = {(c.target, c.config): c.met for c in results.target_checks(report_stats, ratios)}
+    report_stats = figures.config_stats(rows)
+    ratios = figures.via_ratios(rows, "service", "vllm")
+    checks = {(c.target, c.config): c.met for c in figures.target_checks(report_stats, ratios)}
     assert checks == {
         ("tokens/s vs no-spec at concurrency 1", "cpu"): True,
         ("tokens/s vs no-spec at concurrency 4", "cpu"): False,
@@ -252,7 +253,7 @@ def test_stats_table_shows_medians_and_ranges() -> None:
         make_row(NO_SPEC, 1, 50.0, speculative=None, round_=2),
         make_row("cpu", 1, 90.0, round_=2),
     ]
-    lines = render.stats_table(results.config_stats(rows)).splitlines()
+    lines = render.stats_table(figures.config_stats(rows)).splitlines()
     assert lines[0].startswith("| config | via | workload | speculation | concurrency | tokens/s |")
     assert lines[1].startswith("|:---|:---|:---|:---|---:|")
     assert lines[3] == (
@@ -349,7 +350,7 @@ def test_settings_command_reproduces_the_settings() -> None:
         server_env={"gomp": {"BENTOSPEC_CPU_PRELOAD": "off"}, "two": {"A": "1", "B": "x=y"}},
         out="docs/bench",
     )
-    args = build_parser().parse_args(shlex.split(settings.command())[1:])
+    args = build_parser().parse_args(shlex.split(commands.bench_command(settings))[1:])
     assert dict(args.server_env) == settings.server_env
     assert args.profiles == settings.profiles
     assert args.categories == settings.categories

@@ -4,7 +4,7 @@ reported (identical outputs, where they part) instead of failing the run."""
 from __future__ import annotations
 
 from bentospec.bench import checks, render
-from bentospec.bench.results import NO_SPEC, BenchRow, RequestCount
+from bentospec.bench.records import NO_SPEC, BenchRow, RequestCount
 from tests.conftest import make_row
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from bentospec import tune, tune_cli
-from bentospec.bench.results import NO_SPEC, BenchRow
+from bentospec.bench.commands import tune_command
+from bentospec.bench.records import NO_SPEC, BenchRow
+from bentospec.cli import build_parser
 from bentospec.cpu_host import HOST_CLASSES
 from bentospec.dataset import load_cases
 from bentospec.profile import SpeculativeSpec, load_profile, load_profile_file, profile_yaml
@@ -270,3 +273,15 @@ def test_tune_command_tunes_then_validates_on_other_prompts(tmp_path: Path) -> N
     assert {NO_SPEC, "cpu"} <= validated
     assert (tune.TUNED in validated) == (tuned.speculative is not None)
     assert "on validation" in result.stdout
+
+
+def test_tune_command_reproduces_the_arguments(tmp_path: Path) -> None:
+    argv = [
+        *("tune", "--profile", "cpu", "--out", str(tmp_path / "t.yaml"), "--categories", "rag"),
+        *("--num-prompts", "6", "--k", "2,5", "--windows", "1:3", "--batched-tokens", "256"),
+        *("--bind", "0:1", "--concurrency", "1,4", "--rounds", "2", "--validation-rounds", "3"),
+    ]
+    args = build_parser().parse_args(argv)
+    settings = tune_cli._settings(args, args.rounds, args.out)
+    command = tune_command(settings, args, args.out)
+    assert vars(build_parser().parse_args(shlex.split(command)[1:])) == vars(args)

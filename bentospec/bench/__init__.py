@@ -20,8 +20,11 @@ A benchmark you can trust:
 * The sampling workload (temperature 0.7, top_p 0.95, seeded per prompt) reports acceptance
   under sampling; its token totals legitimately differ between configs.
 
-Modules: :mod:`~bentospec.bench.stats` (arithmetic), :mod:`~bentospec.bench.results` (records,
-derived figures, checks), :mod:`~bentospec.bench.render` (Markdown, plot),
+Modules: :mod:`~bentospec.bench.stats` (arithmetic), :mod:`~bentospec.bench.records` (what a
+run records), :mod:`~bentospec.bench.figures` (figures derived from the rows),
+:mod:`~bentospec.bench.checks` (consistency checks), :mod:`~bentospec.bench.report` (the
+report: records, figures, checks), :mod:`~bentospec.bench.commands` (the command lines that
+reproduce a run), :mod:`~bentospec.bench.render` (Markdown, plot),
 :mod:`~bentospec.bench.clients` (engine and OpenAI clients), :mod:`~bentospec.bench.servers`
 (server subprocesses, shared with the tests), :mod:`~bentospec.bench.runner` (rounds, levels),
 :mod:`~bentospec.bench.cli` (command line).

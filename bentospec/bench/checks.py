@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
-    from bentospec.bench.results import BenchRow
+    from bentospec.bench.records import BenchRow
 
 
 #: The dtype whose greedy outputs must not depend on how a step batches its rows. In bf16

@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from bentospec.bench import __doc__ as BENCH_DOC
+from bentospec.bench.records import WORKLOADS, BenchSettings, WorkloadName
 from bentospec.bench.render import DOC_END, DOC_START, splice, write_report
-from bentospec.bench.results import WORKLOADS, BenchReport, BenchSettings, WorkloadName
+from bentospec.bench.report import BenchReport
 from bentospec.bench.runner import bench_targets, run_targets
 from bentospec.dataset import PromptCase, load_cases
 
 DEFAULT_OUT = Path("bench-results")
+#: Batch sizes measured unless ``--concurrency`` says otherwise (bench and tune): one
+#: request, a small batch and a large one.
 DEFAULT_CONCURRENCY = (1, 4, 16)
 
 

@@ -17,7 +17,7 @@ from typing import Protocol
 import httpx
 
 from bentospec import settings
-from bentospec.bench.results import Workload
+from bentospec.bench.records import Workload
 from bentospec.bench.servers import Server
 from bentospec.bench.stats import GENERATION_TOKENS, Counters, RequestRecord, record_from_chunks
 from bentospec.cpu_runtime import LoadedRuntime, engine_core_environment

@@ -7,14 +7,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from bentospec.bench.checks import GreedyAgreement
-from bentospec.bench.results import (
-    SPEEDUP_TARGETS,
-    WORKLOADS,
-    BenchReport,
-    BenchRow,
-    ConfigStats,
-    ViaRatio,
-)
+from bentospec.bench.commands import bench_command
+from bentospec.bench.figures import SPEEDUP_TARGETS, ConfigStats, ViaRatio
+from bentospec.bench.records import WORKLOADS, BenchRow
+from bentospec.bench.report import BenchReport
 from bentospec.bench.stats import Spread
 from bentospec.profile import SpeculativeSpec
 
@@ -181,7 +177,7 @@ def render_markdown(report: BenchReport) -> str:
         + ".",
         *_host(report),
         *_runtimes(report.rows),
-        f"Reproduce: `{settings.command()}`",
+        f"Reproduce: `{bench_command(settings)}`",
         "Results (median over rounds, range in brackets):",
         stats_table(report.stats),
         "Tokens/s per round:",

@@ -23,10 +23,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from pydantic import BaseModel
 
 from bentospec.bench.clients import Client, open_engine, open_openai, open_server
-from bentospec.bench.results import (
+from bentospec.bench.records import (
     NO_SPEC,
     WORKLOADS,
-    BenchReport,
     BenchRow,
     BenchSettings,
     ConfigId,
@@ -34,6 +33,7 @@ from bentospec.bench.results import (
     Via,
     summarize_level,
 )
+from bentospec.bench.report import BenchReport
 from bentospec.bench.servers import BentoServer, VllmServer
 from bentospec.bench.stats import Counters, RequestRecord
 from bentospec.cpu_host import detect_cpu_host
