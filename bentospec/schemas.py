@@ -7,7 +7,7 @@ are checked in :mod:`bentospec.generation`.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +23,30 @@ TYPICAL_P_IGNORED = (
 )
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+#: The Swagger UI's example bodies, which the README's first examples send too. Each gives the
+#: model a document to copy from: ngram drafts only by copying n-grams already in the prompt or
+#: the output, so a short open prompt gets few or none. Greedy (only temperature 0 is): left
+#: out, the CPU profiles' 135M model samples at 1.0 and its answer reads as noise.
+EXAMPLE_DOCUMENT = (
+    "The Brewmaster 300 must be descaled every 60 days. To descale it, fill the water tank "
+    "with one litre of descaling solution, run two hot water cycles, then rinse the tank and "
+    "run two cycles with clean water."
+)
+GENERATE_EXAMPLE: dict[str, Any] = {
+    # A raw prompt: the answer's first words lead the model into the document's.
+    "prompt": f"{EXAMPLE_DOCUMENT}\n\nQuestion: How do I descale the Brewmaster 300?\n"
+    "Answer: To descale the Brewmaster 300,",
+    "max_tokens": 64,
+    "temperature": 0,
+}
+OPEA_EXAMPLE: dict[str, Any] = {
+    "query": "How often must it be descaled?",
+    "documents": [EXAMPLE_DOCUMENT],
+    "max_new_tokens": 64,
+    "temperature": 0,
+    "streaming": False,
+}
 
 
 class SamplingOptions(BaseModel):
@@ -54,6 +78,8 @@ class SamplingOptions(BaseModel):
 
 class GenerateRequest(SamplingOptions):
     """Body of ``/generate`` (streams text) and ``/generate_full`` (returns JSON)."""
+
+    model_config = ConfigDict(json_schema_extra={"example": GENERATE_EXAMPLE})
 
     prompt: Annotated[str, Field(min_length=1, description="Raw prompt text (no chat template).")]
 
@@ -106,7 +132,7 @@ class OPEACompletionRequest(BaseModel):
     ``vllm serve`` treats fields it ignores. Unknown fields are refused with a 400.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": OPEA_EXAMPLE})
 
     #: The served model's name (OPEA sends it for OpenAI-style backends); others get 404.
     model: str | None = None

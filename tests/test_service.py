@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import re
 import subprocess
 import time
+from typing import Any
 
 import bentoml
 import httpx
@@ -14,9 +16,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bentospec import __version__
-from bentospec.api_docs import README, README_SECTIONS, TAGS
+from bentospec.api_docs import GENERATION_TAG, README, README_SECTIONS, TAGS
 from bentospec.metrics import SpecCounters
 from bentospec.profile import load_profile
+from bentospec.schemas import GENERATE_EXAMPLE, OPEA_EXAMPLE
 from tests.conftest import ROOT, BentoServer, openai_client, sse_payloads
 
 MODEL = "smollm2-135m-instruct"
@@ -117,6 +120,33 @@ def test_speculation_counters_grow(server: BentoServer) -> None:
             time.sleep(0.5)
     assert (after - before).draft_tokens >= stats["draft_tokens"]
     assert (after - before).accepted_tokens >= stats["accepted_tokens"]
+
+
+def swagger_example(spec: dict[str, Any], path: str) -> dict[str, Any]:
+    """The example request body the Swagger UI shows for ``POST path``."""
+    schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    if "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rpartition("/")[2]]
+    return schema["example"]
+
+
+@pytest.mark.server
+def test_first_examples_show_speculation_working(server: BentoServer) -> None:
+    """The Swagger UI's example bodies, which the README's first examples send too, get drafts
+    accepted and an answer (a short open prompt gets few drafts or none)."""
+    spec = httpx.get(f"{server.url}/docs.json", timeout=30).json()
+    assert swagger_example(spec, "/generate") == GENERATE_EXAMPLE
+    assert swagger_example(spec, "/generate_full") == GENERATE_EXAMPLE
+    assert swagger_example(spec, "/v1/spec_decode/completions") == OPEA_EXAMPLE
+    with bentoml.SyncHTTPClient(server.url, timeout=120) as client:
+        chunks = list(client.generate(**GENERATE_EXAMPLE))
+        full = client.generate_full(**GENERATE_EXAMPLE)
+    opea = httpx.post(f"{server.url}/v1/spec_decode/completions", json=OPEA_EXAMPLE, timeout=120)
+    assert "".join(chunks) == full["text"]
+    for answer in (full, opea.json()):
+        assert answer["text"].strip(), answer
+        stats = answer["speculation"]
+        assert stats["applied"] and stats["accepted_tokens"] > 0, answer
 
 
 @pytest.mark.server
@@ -365,6 +395,24 @@ def test_description_links_exist_in_the_readme() -> None:
         assert slug == anchor
 
 
+def readme_section(title: str) -> str:
+    text = (ROOT / README).read_text(encoding="utf-8")
+    return text.partition(f"\n## {title}\n")[2].partition("\n## ")[0]
+
+
+def test_readme_first_examples_send_the_swagger_example() -> None:
+    """The README's first curl and BentoML client examples send :data:`GENERATE_EXAMPLE`, the
+    body the live-service test above checks."""
+    section = readme_section("Calling the service")
+    shell = re.search(r"^BODY='(.*)'$", section, re.M)
+    assert shell and json.loads(shell[1]) == GENERATE_EXAMPLE
+    assert section.count('-d "$BODY"') == 2  # /generate, /generate_full
+    python = re.search(r"^body = (\{.*?^\})$", section, re.M | re.S)
+    assert python and ast.literal_eval(python[1]) == GENERATE_EXAMPLE
+    for call in ("client.generate(**body)", "client.generate_full(**body)"):
+        assert call in section, call
+
+
 @pytest.mark.server
 def test_swagger_ui_renders_the_routes_in_chromium(server: BentoServer, tmp_path) -> None:
     dom = subprocess.run(
@@ -381,7 +429,8 @@ def test_swagger_ui_renders_the_routes_in_chromium(server: BentoServer, tmp_path
             f"--user-data-dir={tmp_path}",
             "--virtual-time-budget=15000",
             "--dump-dom",
-            f"{server.url}/",
+            # Deep link: /generate's operation opens, with its example body.
+            f"{server.url}/#/{GENERATION_TAG}/bentospec__generate",
         ],
         capture_output=True,
         text=True,
@@ -398,6 +447,7 @@ def test_swagger_ui_renders_the_routes_in_chromium(server: BentoServer, tmp_path
     for name, _ in TAGS:
         assert f'id="operations-tag-{name}"' in dom, name
     assert 'id="operations-tag-default"' not in dom
+    assert GENERATE_EXAMPLE["prompt"].rpartition("\n")[2] in dom  # the example's last line
 
 
 #: One greedy request that runs to its token limit (the counts are then the limit).
