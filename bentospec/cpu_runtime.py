@@ -118,7 +118,13 @@ def loaded_runtime(pid: int) -> LoadedRuntime | None:
     )
 
 
-def _bind_threads(pid: int, cpus: set[int]) -> None:
+def every_cpu() -> set[int]:
+    """Every CPU of the host: as an affinity, "unbound" (the kernel narrows it to the cgroup's
+    cpuset)."""
+    return set(range(os.cpu_count() or 1))
+
+
+def bind_threads(pid: int, cpus: set[int]) -> None:
     """Every thread of ``pid`` to ``cpus``; the threads it starts later inherit the mask."""
     for thread in psutil.Process(pid).threads():
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
@@ -142,11 +148,11 @@ def confine_to_reserved(
     allows) when switched off or when ``VLLM_CPU_OMP_THREADS_BIND`` gave the worker every
     core. Unbinding explicitly keeps one process that starts several engines (the benchmark,
     ``tune``) from carrying one engine's binding into the next."""
-    every = set(range(os.cpu_count() or 1))  # the kernel narrows this to the cgroup's cpuset
+    every = every_cpu()
     off = settings.CPU_RESERVED_BIND.get(environ) == "off"
     reserved = set() if off else every - worker_cpus(engine_core)
     for pid in (engine_core, os.getpid()):
-        _bind_threads(pid, reserved or every)
+        bind_threads(pid, reserved or every)
     return reserved or None
 
 

@@ -16,8 +16,10 @@ from bentospec.cpu_runtime import (
     PRELOAD_ENV,
     RESERVED_BIND_ENV,
     LoadedRuntime,
+    bind_threads,
     confine_to_reserved,
     engine_core_environment,
+    every_cpu,
     loaded_runtime,
     preload_environment,
     prescribed_preload,
@@ -125,13 +127,9 @@ if __name__ == "__main__":
 @pytest.fixture
 def own_affinity() -> Iterator[set[int]]:
     """This process's affinity, restored on every thread afterwards (confining binds it)."""
-    import psutil
-
     saved = os.sched_getaffinity(0)
     yield saved
-    for thread in psutil.Process().threads():
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(thread.id, saved)
+    bind_threads(os.getpid(), saved)
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a core to reserve")
@@ -146,7 +144,7 @@ def test_confine_to_reserved_binds_the_engine_core_and_this_process_off_the_work
     try:
         parent = psutil.Process(tree.pid)
         assert wait_for(lambda: worker_cpus(tree.pid) == {0}, 20), worker_cpus(tree.pid)
-        every = set(range(os.cpu_count() or 1))
+        every = every_cpu()
 
         def threads() -> set[frozenset[int]]:
             return {frozenset(os.sched_getaffinity(t.id)) for t in parent.threads()}

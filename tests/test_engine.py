@@ -7,7 +7,7 @@ import os
 import pytest
 
 from bentospec import vllm_api
-from bentospec.cpu_runtime import worker_cpus
+from bentospec.cpu_runtime import every_cpu, worker_cpus
 from bentospec.dataset import load_cases, render_cases
 from bentospec.engine import EngineStatus, SpecEngine
 from bentospec.engine_args import engine_dtype
@@ -52,7 +52,7 @@ def test_engine_core_runs_on_the_cores_vllm_reserved(cpu_engine: SpecEngine) -> 
     assert engine_core is not None and cpu_engine.runtime is not None
     worker = worker_cpus(engine_core)
     assert worker and cpu_engine.runtime.cpus, cpu_engine.runtime
-    assert set(cpu_engine.runtime.cpus) == set(range(os.cpu_count() or 1)) - worker
+    assert set(cpu_engine.runtime.cpus) == every_cpu() - worker
 
 
 def test_generation_defaults_are_read_once_at_start(

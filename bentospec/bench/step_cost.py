@@ -36,7 +36,12 @@ from bentospec import vllm_api
 from bentospec.bench.cli import int_list
 from bentospec.bench.render import markdown_table
 from bentospec.cpu_host import CpuHost, detect_cpu_host
-from bentospec.cpu_runtime import engine_core_environment, preload_environment
+from bentospec.cpu_runtime import (
+    bind_threads,
+    engine_core_environment,
+    every_cpu,
+    preload_environment,
+)
 from bentospec.engine import SpecEngine
 from bentospec.model_store import resolve_model
 from bentospec.profile import Profile, SpeculativeSpec, load_profile
@@ -103,7 +108,7 @@ def _median_ms(run: Callable[[], object], repeats: int) -> float:
 
 
 def _on_every_core() -> None:
-    os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    bind_threads(os.getpid(), every_cpu())
 
 
 def gemm_costs(
