@@ -96,6 +96,14 @@ CPU_RESERVED_BIND: Variable[str] = Variable(
     "`on`: the engine core and the API process run on the cores vLLM's CPU worker is not bound "
     "to (vLLM reserves them but binds nothing there); `off`: wherever the kernel puts them.",
 )
+CPU_SHM_SPIN: Variable[float | None] = Variable(
+    "BENTOSPEC_CPU_SHM_SPIN",
+    float,
+    None,
+    "Seconds a vLLM CPU process spins (`sched_yield`) on its shared-memory queue after a "
+    "message before it sleeps until the next one is signalled; unset: vLLM's 1 s; `0`: sleep "
+    "at once, leaving the core to the worker and the API process.",
+)
 HF_TOKEN: Variable[str | None] = Variable(
     "HF_TOKEN",
     str,
@@ -126,6 +134,7 @@ VARIABLES: tuple[Variable[object], ...] = (
     ENFORCE_EAGER,
     CPU_PRELOAD,
     CPU_RESERVED_BIND,
+    CPU_SHM_SPIN,
     HF_TOKEN,
     FUZZ_EXAMPLES,
     FUZZ_DATABASE,

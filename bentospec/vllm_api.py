@@ -266,6 +266,14 @@ def is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
+def shm_spin_condition() -> type:
+    """vLLM's ``SpinCondition``: how a reader of a shared-memory message queue (the engine
+    core reading its workers' outputs, a worker reading the scheduler's) waits."""
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    return SpinCondition
+
+
 def cpu_kernel_fallbacks() -> Any:
     """``vllm.utils.cpu_triton_utils``, after loading the C++ ops its functions call."""
     from vllm.platforms import current_platform

@@ -159,7 +159,8 @@ def test_speculative_config_is_valid_for_vllm(profile: Profile) -> None:
         lookup = build_dynamic_sd_schedule_lookup(
             schedule, max_num_seqs, spec["num_speculative_tokens"]
         )
-        assert lookup[1] == spec["num_speculative_tokens"]
+        # This host's schedule, as vLLM reads it, at both ends of the batch range.
+        assert lookup[1] == schedule[0][2] <= spec["num_speculative_tokens"]
         assert lookup[max_num_seqs] == schedule[-1][2]
 
 
