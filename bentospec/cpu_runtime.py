@@ -131,6 +131,17 @@ def bind_threads(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(thread.id, cpus)
 
 
+def unconfine() -> None:
+    """This process back on every CPU, before it spawns an engine core.
+
+    vLLM binds its CPU worker among the cores the engine core inherits from this process. After
+    an earlier engine's :func:`confine_to_reserved` that is one core: the next engine (a
+    restart, the benchmark's next config) got its worker on the reserved core and nothing
+    reserved ("Selected CPU core number (1) should be greater than reserved CPU core number
+    (1)"), every second engine of a process."""
+    bind_threads(os.getpid(), every_cpu())
+
+
 def worker_cpus(engine_core: int) -> set[int]:
     """The cores vLLM bound the engine core's workers (its child processes) to."""
     cpus: set[int] = set()

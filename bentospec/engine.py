@@ -22,6 +22,7 @@ from bentospec.cpu_runtime import (
     engine_core_environment,
     log_runtime,
     preload_environment,
+    unconfine,
 )
 from bentospec.engine_args import build_engine_args
 from bentospec.errors import EngineUnavailable
@@ -104,6 +105,8 @@ class SpecEngine:
             args.speculative_config,
         )
         cpu = self.profile.hardware.accelerator == "cpu"
+        if cpu:
+            unconfine()
         with engine_core_environment(preload_environment() if cpu else {}):
             llm = vllm_api.start_engine(args)
         engine_core = vllm_api.engine_core_pid(llm) if cpu else None

@@ -23,6 +23,7 @@ from bentospec.cpu_runtime import (
     loaded_runtime,
     preload_environment,
     prescribed_preload,
+    unconfine,
     worker_cpus,
 )
 from tests.conftest import wait_for
@@ -162,3 +163,20 @@ def test_confine_to_reserved_binds_the_engine_core_and_this_process_off_the_work
     finally:
         tree.kill()
         tree.wait()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a core to reserve")
+def test_a_confined_process_spawns_its_next_engine_core_on_every_cpu(
+    own_affinity: set[int],
+) -> None:
+    """After one engine's confinement, the next engine core sees every core to bind among."""
+    bind_threads(os.getpid(), {1})  # what confine_to_reserved left after the first engine
+    unconfine()
+    assert os.sched_getaffinity(0) == every_cpu()
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert child.stdout.strip() == str(sorted(every_cpu()))
