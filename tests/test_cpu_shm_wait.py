@@ -1,5 +1,6 @@
 """The vLLM plugin that sets how long a CPU engine's processes spin on their shared-memory
-queues (``BENTOSPEC_CPU_SHM_SPIN``): on a real ``SpinCondition``, and on a real engine."""
+queues (``BENTOSPEC_CPU_SHM_SPIN``), on real ``SpinCondition`` readers. No engine test yet:
+the setting stays opt-in until the benchmark shows it pays."""
 
 from __future__ import annotations
 
