@@ -4,22 +4,21 @@
 ``HF_TOKEN`` secret reference, graceful termination), a Service and a HorizontalPodAutoscaler
 on vLLM's queue, plus the Prometheus-adapter rules that turn vLLM's metrics into the HPA's
 pod metrics. Everything derives from the profile, so a profile change cannot leave its
-manifests behind. Why HPA + Prometheus adapter rather than KEDA: docs/deploy.md.
+manifests behind. Why HPA + Prometheus adapter rather than KEDA: docs/deploy.md. The command
+line is :mod:`bentospec.deploy_cli`'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bentospec import settings
-from bentospec.profile import Profile, format_validation_error, load_profile
+from bentospec.profile import Profile
 from bentospec.vllm_api import REQUESTS_RUNNING, REQUESTS_WAITING
 
 #: Port ``bentoml serve`` listens on inside the image.
@@ -261,38 +260,3 @@ def write(profile: Profile, options: KubernetesOptions, out: Path) -> list[Path]
     for path, text in files.items():
         path.write_text(text, encoding="utf-8")
     return list(files)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    deploy = sub.add_parser("deploy", help="write deployment manifests for a profile")
-    targets = deploy.add_subparsers(dest="deploy_target", required=True)
-    k8s = targets.add_parser(
-        "kubernetes", help="Deployment, Service and HPA for the profile's Bento image"
-    )
-    k8s.add_argument("--profile", required=True)
-    k8s.add_argument("--image", default=None, help="default: bentospec-PROFILE:latest")
-    k8s.add_argument("--out", type=Path, default=None, help="default: build/kubernetes/PROFILE")
-    k8s.add_argument("--namespace", default=None)
-    k8s.add_argument("--min-replicas", type=int, default=1)
-    k8s.add_argument("--max-replicas", type=int, default=4)
-    k8s.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    profile = load_profile(args.profile)
-    try:
-        options = KubernetesOptions(
-            image=args.image or f"bentospec-{profile.name}:latest",
-            namespace=args.namespace,
-            min_replicas=args.min_replicas,
-            max_replicas=args.max_replicas,
-        )
-    except ValidationError as exc:
-        print(f"error: {format_validation_error(exc)}", file=sys.stderr)
-        return 2
-    for path in write(profile, options, args.out or Path("build/kubernetes") / profile.name):
-        print(f"wrote {path}")
-    if profile.needs_hub_token():
-        token = settings.HF_TOKEN.name
-        print(f"the pods read {token} from secret {HF_TOKEN_SECRET!r} (docs/deploy.md)")
-    return 0

@@ -17,7 +17,6 @@ depends on the CPU class and the dtype (docs/benchmarks.md). This measures, on t
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import multiprocessing
@@ -33,7 +32,6 @@ from typing import Any
 from pydantic import BaseModel
 
 from bentospec import vllm_api
-from bentospec.bench.cli import int_list
 from bentospec.bench.render import markdown_table
 from bentospec.cpu_host import CpuHost, detect_cpu_host
 from bentospec.cpu_runtime import (
@@ -44,11 +42,10 @@ from bentospec.cpu_runtime import (
 )
 from bentospec.engine import SpecEngine
 from bentospec.model_store import resolve_model
-from bentospec.profile import Profile, SpeculativeSpec, load_profile
+from bentospec.profile import Profile, SpeculativeSpec
 
 #: ngram drafts from it at every step: the greedy continuation repeats the sentence.
 REPEATING_PROMPT = "The red fox jumps over the lazy brown dog near the river bank. " * 24
-DEFAULT_OUT = Path("bench-results/step-costs")
 
 
 class StepCost(BaseModel):
@@ -278,30 +275,3 @@ def render(report: StepCostReport) -> str:
         text_columns=0,
     )
     return f"{head}\n\n{table}\n"
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "step-costs",
-        help="time an engine step with and without drafts, and the GEMMs inside it",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--profile", default="cpu-nospec", help="target and engine settings")
-    parser.add_argument(
-        "--k", type=int_list, default=[5], help="drafts per step to time, beside none (k=0)"
-    )
-    parser.add_argument("--batch", type=int_list, default=[1, 4, 16], help="requests in flight")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    report = measure(load_profile(args.profile), [0, *args.k], args.batch, args.max_tokens)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "step-costs.json").write_text(report.model_dump_json(indent=2) + "\n")
-    text = render(report)
-    (args.out / "step-costs.md").write_text(text)
-    print(text)
-    return 0

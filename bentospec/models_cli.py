@@ -1,0 +1,28 @@
+"""``bentospec models``' command line: build or download a profile's models ahead of serving.
+
+Resolving them is :mod:`bentospec.model_store`'s, building the embedded ones
+:mod:`bentospec.model_build`'s; this module is the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bentospec.model_store import resolve_model
+from bentospec.profile import load_profile
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    models = subparsers.add_parser("models", help="prepare the models a profile needs")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    prepare = models_sub.add_parser(
+        "prepare", help="build offline models / download hub models of a profile (idempotent)"
+    )
+    prepare.add_argument("--profile", default="cpu", help="profile name (default: cpu)")
+    prepare.set_defaults(handler=run_prepare)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    for ref in load_profile(args.profile).model_refs():
+        print(f"{ref} -> {resolve_model(ref)}")
+    return 0
