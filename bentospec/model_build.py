@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from bentospec import settings
+
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedTokenizerBase
 
@@ -74,8 +76,7 @@ class ModelNotFoundError(RuntimeError):
 
 def cache_dir() -> Path:
     """Return the root of bentospec's cache: ``$BENTOSPEC_CACHE`` or ``~/.cache/bentospec``."""
-    env = os.environ.get("BENTOSPEC_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "bentospec"
+    return settings.CACHE.get()
 
 
 def prepare_embedded(name: str, *, progress: bool = True) -> Path:

@@ -11,9 +11,9 @@ module stays cheap.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
+from bentospec import settings
 from bentospec.model_build import EMBEDDED_PREFIX, ModelNotFoundError, prepare_embedded
 
 
@@ -40,7 +40,7 @@ def resolve_model(ref: str, *, token: str | None = None, progress: bool = True) 
         return str(local)
     if ref.startswith(("/", ".", "~")):
         raise ModelNotFoundError(f"{ref!r} is not an existing model directory")
-    return _download_from_hub(ref, token=token or os.environ.get("HF_TOKEN"), progress=progress)
+    return _download_from_hub(ref, token=token or settings.HF_TOKEN.get(), progress=progress)
 
 
 def _download_from_hub(repo_id: str, *, token: str | None, progress: bool) -> str:
