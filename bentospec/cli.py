@@ -1,7 +1,7 @@
 """``bentospec`` command line: models, profiles, benchmark, autotuner, lossless check.
 
-Each command group registers its own sub-parser (``add_parser``) and handler (``run``), so a
-command lives next to the code it drives.
+Each command group's ``<command>_cli`` module registers its own sub-parser (``add_parser``) and
+handler; this module only assembles them and dispatches.
 """
 
 from __future__ import annotations
