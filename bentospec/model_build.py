@@ -79,8 +79,13 @@ def cache_dir() -> Path:
     return settings.CACHE.get()
 
 
+def embedded_dir(name: str) -> Path:
+    """Where the embedded model ``name`` is built: ``cache_dir()/models/<name>``."""
+    return cache_dir() / "models" / name
+
+
 def prepare_embedded(name: str, *, progress: bool = True) -> Path:
-    """Build the embedded model ``name`` into ``cache_dir()/models/<name>`` once, and return it.
+    """Build the embedded model ``name`` into :func:`embedded_dir` once, and return it.
 
     A finished directory is returned without any work. A build happens in a
     temporary sibling directory that is renamed into place only when complete,
@@ -99,7 +104,7 @@ def prepare_embedded(name: str, *, progress: bool = True) -> Path:
             f"unknown embedded model {name!r}; valid names: "
             + ", ".join(f"{EMBEDDED_PREFIX}{valid}" for valid in _RECIPES)
         )
-    final = cache_dir() / "models" / name
+    final = embedded_dir(name)
     if _is_complete(final):
         return final
 

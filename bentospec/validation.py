@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from bentospec.memory import DraftKind, ModelArch, memory_summary
-from bentospec.model_build import EMBEDDED_PREFIX, cache_dir
+from bentospec.model_build import EMBEDDED_PREFIX, embedded_dir
 from bentospec.profile import Profile, ProfileError, SpeculativeSpec
 
 #: Vendored ``config.json`` copies of hub models, named ``<org>__<name>.json``.
@@ -35,7 +35,7 @@ def config_path(ref: str) -> Path:
     a local directory: its own; a hub id: the vendored copy, as no hub is reachable.
     """
     if ref.startswith(EMBEDDED_PREFIX):
-        return cache_dir() / "models" / ref.removeprefix(EMBEDDED_PREFIX) / "config.json"
+        return embedded_dir(ref.removeprefix(EMBEDDED_PREFIX)) / "config.json"
     if (local := Path(ref).expanduser()).is_dir():
         return local / "config.json"
     return MODEL_CONFIG_DIR / f"{ref.replace('/', '__')}.json"
