@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bentospec.bench.checks import GreedyAgreement
 from bentospec.bench.commands import bench_command
-from bentospec.bench.figures import SPEEDUP_TARGETS, ConfigStats, ViaRatio
+from bentospec.bench.figures import ConfigStats, ViaRatio, speedup_targets
 from bentospec.bench.records import WORKLOADS, BenchRow
 from bentospec.bench.report import BenchReport
 from bentospec.bench.stats import Spread
@@ -238,7 +238,7 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "**no**"
 
 
-def plot(stats: Sequence[ConfigStats], path: Path) -> None:
+def plot(stats: Sequence[ConfigStats], categories: Sequence[str], path: Path) -> None:
     """Tokens/s, speedup and ITL against concurrency (medians, bars spanning the rounds)."""
     from matplotlib.figure import Figure
 
@@ -268,9 +268,8 @@ def plot(stats: Sequence[ConfigStats], path: Path) -> None:
                 err = [[v.median - v.low for _, v in drawn], [v.high - v.median for _, v in drawn]]
                 axes.errorbar(x, y, yerr=err, **style)
     gain.axhline(1.0, color="grey", linewidth=0.8)
-    gain.plot(
-        list(SPEEDUP_TARGETS), list(SPEEDUP_TARGETS.values()), "k_", markersize=14, label="target"
-    )
+    targets = speedup_targets(categories, levels)
+    gain.plot(list(targets), list(targets.values()), "k_", markersize=14, label="target")
     for axes, title in (
         (throughput, "output tokens/s"),
         (gain, "speedup vs no speculation (same round)"),
@@ -301,5 +300,5 @@ def write_report(report: BenchReport, out: Path) -> str:
     text = render_markdown(report)
     (out / "results.json").write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
     (out / "results.md").write_text(text, encoding="utf-8")
-    plot(report.stats, out / "results.png")
+    plot(report.stats, report.settings.categories, out / "results.png")
     return text

@@ -47,7 +47,7 @@ class BenchReport(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def targets(self) -> list[TargetCheck]:
-        return target_checks(self.stats, self.ratios)
+        return target_checks(self.stats, self.ratios, self.settings.categories)
 
     @property
     def dtypes(self) -> dict[str, str]:
