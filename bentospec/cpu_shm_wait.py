@@ -11,6 +11,14 @@ process (tokenizing, streaming) shares, and which a worker running on every core
 ``BENTOSPEC_CPU_SHM_SPIN`` (seconds) replaces vLLM's 1 s in every process of a CPU engine:
 ``0`` makes a reader sleep at once until the writer signals (a wake-up costs tens of
 microseconds against a step of tens of milliseconds). Unset, vLLM's value stays.
+
+A sleeping reader can miss its signal: with ``0``, a ``bentoml serve`` under the benchmark's
+load stalled for good within minutes, every process idle. The likely path: the writer's
+notify socket keeps one message (``SNDHWM=1``) and the reader's keeps the last
+(``CONFLATE``), so a signal sent while an older one is still in flight is dropped, and a
+reader that consumed the older one waits for a write that already happened. vLLM's 1 s spin
+hides this, since a spinning reader looks at the buffer itself. So a reader this plugin
+configures sleeps at most :data:`WAKE_CHECK_MS` before it looks at the buffer again.
 """
 
 from __future__ import annotations
@@ -26,6 +34,10 @@ PLUGIN_NAME = "bentospec_cpu_shm_wait"
 
 logger = logging.getLogger(f"vllm.plugins.{PLUGIN_NAME}")
 
+#: The longest a configured reader sleeps before it looks at its buffer again: what a lost
+#: signal costs at most (a decoding step takes 25-250 ms here).
+WAKE_CHECK_MS = 5
+
 
 def with_spin(init: Any, seconds: float) -> Any:
     """``SpinCondition.__init__`` with ``busy_loop_s=seconds`` (a writer ignores it)."""
@@ -36,6 +48,17 @@ def with_spin(init: Any, seconds: float) -> Any:
 
     spin_for.bentospec_spin = seconds  # type: ignore[attr-defined]
     return spin_for
+
+
+def with_wake_check(wait: Any) -> Any:
+    """``SpinCondition.wait`` that sleeps at most :data:`WAKE_CHECK_MS` (the caller loops
+    back to the buffer either way)."""
+
+    @functools.wraps(wait)
+    def bounded(self: Any, timeout_ms: int | None = None) -> None:
+        wait(self, WAKE_CHECK_MS if timeout_ms is None else min(timeout_ms, WAKE_CHECK_MS))
+
+    return bounded
 
 
 def register() -> None:
@@ -51,4 +74,5 @@ def register() -> None:
     if getattr(condition.__init__, "bentospec_spin", None) == seconds:
         return  # registered already in this process
     condition.__init__ = with_spin(condition.__init__, seconds)
+    condition.wait = with_wake_check(condition.wait)
     logger.info("%s: shared-memory queue readers spin %.3g s, then sleep", PLUGIN_NAME, seconds)
