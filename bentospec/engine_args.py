@@ -101,22 +101,19 @@ def engine_kwargs(
     if spec is not None:
         kwargs["speculative_config"] = spec
     if profile.speculative is not None and profile.speculative.step_cost is not None:
-        kwargs["additional_config"] = {
-            CONFIG_KEY: adaptive_settings(profile.speculative, profile.hardware.host_class())
-        }
+        kwargs["additional_config"] = {CONFIG_KEY: adaptive_settings(profile.speculative)}
         # The per-step draft counts are what /generate_full reports as the adapter's k over time.
         kwargs["per_request_spec_decode_metrics"] = "detailed"
     return kwargs
 
 
-def adaptive_settings(spec: SpeculativeSpec, host_class: HostClass | None) -> dict[str, Any]:
-    """The ``adaptive-ngram`` proposer's settings, as it reads them in the engine core; the
-    step-cost curve is the one for the CPU's class (``None``: a GPU)."""
+def adaptive_settings(spec: SpeculativeSpec) -> dict[str, Any]:
+    """The ``adaptive-ngram`` proposer's settings, as it reads them in the engine core."""
     return AdaptiveSettings(
         num_speculative_tokens=spec.num_speculative_tokens,
         prompt_lookup_min=spec.prompt_lookup_min or spec.prompt_lookup_max or 1,
         prompt_lookup_max=spec.prompt_lookup_max or 1,
-        step_cost=spec.step_cost_for(host_class) or (),
+        step_cost=spec.step_cost or (),
     ).model_dump(mode="json")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -49,13 +49,6 @@ NGRAM_METHODS = frozenset({"ngram", "adaptive-ngram"})
 
 #: One measured point of an engine step's time: (tokens verified in the step, milliseconds).
 StepCostPoint = tuple[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0)]]
-
-T = TypeVar("T")
-
-
-def _for_class(by_class: dict[HostClass, T] | None, host_class: HostClass | None, default: T) -> T:
-    """A per-CPU-class setting: the entry for ``host_class`` if there is one, else ``default``."""
-    return (by_class or {}).get(host_class, default) if host_class is not None else default
 
 
 class ProfileError(ValueError):
@@ -166,11 +159,6 @@ class SpeculativeSpec(_Strict):
     proposer keeps a draft token only while it raises the batch's expected tokens per ms.
     This curve is its prior: it rescales the curve from the engine's own step times as it
     runs, and only the curve's shape matters, so points from another host still serve."""
-    host_step_costs: dict[HostClass, tuple[StepCostPoint, ...]] | None = None
-    """``adaptive-ngram`` on CPU: a ``step_cost`` curve per host class, taken at start for the
-    class found (as ``host_schedules``), since the curve's shape differs between classes
-    (on AVX-512 in bf16 a step verifying 9 tokens costs what a plain one does; on AVX2 in
-    float32, 2.7x). A class not listed takes ``step_cost``."""
 
     @model_validator(mode="before")
     @classmethod
@@ -206,39 +194,30 @@ class SpeculativeSpec(_Strict):
 
     def schedule_for(self, host_class: HostClass | None) -> tuple[BatchSizeStep, ...] | None:
         """The batch-size schedule on a CPU of ``host_class`` (``None``: not a CPU host)."""
-        return _for_class(
-            self.host_schedules, host_class, self.num_speculative_tokens_per_batch_size
-        )
-
-    def step_cost_for(self, host_class: HostClass | None) -> tuple[StepCostPoint, ...] | None:
-        """The adaptive proposer's step-cost curve on a CPU of ``host_class``."""
-        return _for_class(self.host_step_costs, host_class, self.step_cost)
+        by_class = self.host_schedules or {}
+        if host_class in by_class:
+            return by_class[host_class]
+        return self.num_speculative_tokens_per_batch_size
 
     def _check_step_cost(self) -> None:
         if (self.method == "adaptive-ngram") != (self.step_cost is not None):
             raise ValueError("step_cost is required by method 'adaptive-ngram' and only used there")
         if self.step_cost is None:
-            if self.host_step_costs:
-                raise ValueError("host_step_costs only apply to method 'adaptive-ngram'")
             return
         if self.num_speculative_tokens_per_batch_size is not None or self.host_schedules:
             raise ValueError(
                 "method 'adaptive-ngram' chooses k per request: "
                 "remove num_speculative_tokens_per_batch_size"
             )
-        curves = {
-            "step_cost": self.step_cost,
-            **{f"host_step_costs.{c}": v for c, v in (self.host_step_costs or {}).items()},
-        }
-        for key, points in curves.items():
-            if len(points) < 2:
-                raise ValueError(f"{key} needs at least two (tokens, ms) points")
-            for (n0, t0), (n1, t1) in pairwise(points):
-                if n1 <= n0 or t1 < t0:
-                    raise ValueError(
-                        f"{key} must rise in tokens and not fall in time: ({n0}, {t0}) is "
-                        f"followed by ({n1}, {t1})"
-                    )
+        points = self.step_cost
+        if len(points) < 2:
+            raise ValueError("step_cost needs at least two (tokens, ms) points")
+        for (n0, t0), (n1, t1) in pairwise(points):
+            if n1 <= n0 or t1 < t0:
+                raise ValueError(
+                    f"step_cost must rise in tokens and not fall in time: ({n0}, {t0}) is "
+                    f"followed by ({n1}, {t1})"
+                )
 
     def _check_schedule(self) -> None:
         schedules = {
@@ -373,15 +352,14 @@ class Profile(_Strict):
 
     @model_validator(mode="after")
     def _host_schedules_on_cpu_only(self) -> Self:
-        spec = self.speculative
-        if self.hardware.accelerator != "cpu" and spec and spec.host_schedules:
+        if (
+            self.hardware.accelerator != "cpu"
+            and self.speculative
+            and self.speculative.host_schedules
+        ):
             raise ValueError(
                 "speculative.host_schedules are chosen by CPU class: a cuda profile sets "
                 "num_speculative_tokens_per_batch_size"
-            )
-        if self.hardware.accelerator != "cpu" and spec and spec.host_step_costs:
-            raise ValueError(
-                "speculative.host_step_costs are chosen by CPU class: a cuda profile sets step_cost"
             )
         return self
 

@@ -45,16 +45,13 @@ def run_show(args: argparse.Namespace) -> int:
     if (host_class := profile.hardware.host_class()) is not None:
         # What this host resolved, on stderr so that stdout stays the engine arguments' JSON.
         spec = profile.speculative
-        choice = "speculation schedule none"
+        schedule = "none"
         if spec is not None:
-            adaptive = spec.step_cost is not None
-            key = "host_step_costs" if adaptive else "host_schedules"
-            own = host_class in ((spec.host_step_costs if adaptive else spec.host_schedules) or {})
-            what = "step-cost curve" if adaptive else "speculation schedule"
-            choice = f"{what} {f'{key}.{host_class}' if own else 'the default'}"
+            own = host_class in (spec.host_schedules or {})
+            schedule = f"host_schedules.{host_class}" if own else "the default"
         print(
             f"# this CPU: {detect_cpu_host().model}, class {host_class}: dtype {kwargs['dtype']}, "
-            f"{choice}",
+            f"speculation schedule {schedule}",
             file=sys.stderr,
         )
     print(json.dumps(kwargs, indent=2, sort_keys=True))

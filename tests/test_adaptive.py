@@ -9,7 +9,7 @@ import pytest
 from bentospec.adaptive import AdaptiveSettings
 from bentospec.dataset import load_cases, render_cases
 from bentospec.engine import SpecEngine
-from bentospec.engine_args import adaptive_settings, engine_kwargs
+from bentospec.engine_args import engine_kwargs
 from bentospec.generation import RequestRejected, check_request, generate_full, sampling_params
 from bentospec.profile import ProfileError, SpeculativeSpec, load_profile
 from bentospec.schemas import SamplingOptions
@@ -31,19 +31,7 @@ def test_profile_maps_to_vllm_custom_class_with_its_settings() -> None:
         kwargs["additional_config"]["bentospec_adaptive_ngram"]
     )
     assert (settings.prompt_lookup_min, settings.prompt_lookup_max) == (2, 5)
-    assert profile.speculative is not None
-    host_class = profile.hardware.host_class()
-    assert settings.step_cost == profile.speculative.step_cost_for(host_class)
-
-
-@pytest.mark.parametrize("host_class", ["avx2", "avx512", "amx", "other", None])
-def test_the_step_cost_curve_is_the_cpu_class_own(host_class: str | None) -> None:
-    spec = load_profile("cpu-adaptive").speculative
-    assert spec is not None and spec.host_step_costs is not None
-    curve = adaptive_settings(spec, host_class)["step_cost"]  # type: ignore[arg-type]
-    expected = spec.host_step_costs.get(host_class, spec.step_cost)  # type: ignore[arg-type]
-    assert [tuple(point) for point in curve] == list(expected or ())
-    assert (curve != [list(p) for p in spec.step_cost or ()]) == (host_class == "avx512")
+    assert settings.step_cost == profile.speculative.step_cost  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -53,8 +41,6 @@ def test_the_step_cost_curve_is_the_cpu_class_own(host_class: str | None) -> Non
         ({"step_cost": [[1, 10.0]]}, "at least two"),
         ({"step_cost": [[4, 10.0], [2, 20.0]]}, "must rise in tokens"),
         ({"step_cost": [[1, 10.0], [2, -1.0]]}, "greater than 0"),
-        ({"host_step_costs": {"avx512": [[4, 10.0], [2, 20.0]]}}, "host_step_costs.avx512 must"),
-        ({"host_step_costs": {"avx9": [[1, 10.0], [2, 20.0]]}}, "avx9"),
         ({"num_speculative_tokens_per_batch_size": [[1, 64, 2]]}, "chooses k per request"),
         ({"prompt_lookup_max": None, "prompt_lookup_min": None}, "needs prompt_lookup_max"),
     ],
@@ -71,10 +57,6 @@ def test_step_cost_belongs_to_adaptive_ngram_only() -> None:
     assert spec is not None
     with pytest.raises(ValueError, match="only used there"):
         SpeculativeSpec.model_validate({**spec.model_dump(), "step_cost": [[1, 1.0], [2, 2.0]]})
-    with pytest.raises(ValueError, match="host_step_costs only apply"):
-        SpeculativeSpec.model_validate(
-            {**spec.model_dump(), "host_step_costs": {"avx512": [[1, 1.0], [2, 2.0]]}}
-        )
     assert issubclass(ProfileError, ValueError)
 
 
