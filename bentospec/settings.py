@@ -96,6 +96,13 @@ CPU_RESERVED_BIND: Variable[str] = Variable(
     "`on`: the engine core and the API process run on the cores vLLM's CPU worker is not bound "
     "to (vLLM reserves them but binds nothing there); `off`: wherever the kernel puts them.",
 )
+CPU_DRAFTS: Variable[str] = Variable(
+    "BENTOSPEC_CPU_DRAFTS",
+    str,
+    "carried",
+    "`carried`: a speculative CPU engine's drafts come back with each step's sampled tokens; "
+    "`rpc`: in a round trip of their own after every step, as vLLM does.",
+)
 CPU_SHM_SPIN: Variable[float | None] = Variable(
     "BENTOSPEC_CPU_SHM_SPIN",
     float,
@@ -134,6 +141,7 @@ VARIABLES: tuple[Variable[object], ...] = (
     ENFORCE_EAGER,
     CPU_PRELOAD,
     CPU_RESERVED_BIND,
+    CPU_DRAFTS,
     CPU_SHM_SPIN,
     HF_TOKEN,
     FUZZ_EXAMPLES,

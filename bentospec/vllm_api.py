@@ -301,3 +301,10 @@ def model_runner_class() -> type[GPUModelRunner]:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     return GPUModelRunner
+
+
+def multiproc_executor_class() -> type:
+    """vLLM's executor for workers in processes of their own (the CPU engine's)."""
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    return MultiprocExecutor
