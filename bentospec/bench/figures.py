@@ -28,10 +28,10 @@ NEVER_SLOWER_TARGET = 0.98
 def speedup_targets(categories: Iterable[str], levels: Iterable[int]) -> dict[int, float]:
     """The speedup each concurrency level must reach on a prompt set of ``categories`` (none
     listed: every category of the prompt file, a mixed set)."""
-    chosen = set(categories)
+    chosen, measured = set(categories), set(levels)
     if chosen and chosen <= COPYING_CATEGORIES:
-        return {c: t for c, t in SPEEDUP_TARGETS.items() if c in set(levels)}
-    return dict.fromkeys(levels, NEVER_SLOWER_TARGET)
+        return {c: t for c, t in SPEEDUP_TARGETS.items() if c in measured}
+    return dict.fromkeys(measured, NEVER_SLOWER_TARGET)
 
 
 def _key(row: BenchRow) -> tuple[str, Via, str, str, int]:
