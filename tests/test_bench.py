@@ -361,6 +361,7 @@ def test_settings_command_reproduces_the_settings() -> None:
         num_prompts=5,
         max_tokens=64,
         concurrency=[1, 16],
+        requests_per_slot=3,
         workloads=["greedy", "sampling"],
         rounds=4,
         peer=True,
@@ -373,6 +374,7 @@ def test_settings_command_reproduces_the_settings() -> None:
     assert args.profiles == settings.profiles
     assert args.categories == settings.categories
     assert (args.num_prompts, args.max_tokens, args.concurrency) == (5, 64, [1, 16])
+    assert args.requests_per_slot == 3
     assert (args.workloads, args.rounds, args.peer, args.servers) == (
         ["greedy", "sampling"],
         4,
@@ -585,6 +587,16 @@ class LateCounters:
         return Counters(generation_tokens=self.final if self.reads > self.lag else 0)
 
 
+@pytest.mark.parametrize(
+    ("prompts", "concurrency", "per_slot", "expected"),
+    [(12, 1, 4, 12), (12, 4, 4, 16), (8, 16, 4, 64), (8, 16, 2, 32), (40, 4, 4, 40)],
+)
+def test_a_level_sends_every_prompt_and_enough_requests_per_slot(
+    prompts: int, concurrency: int, per_slot: int, expected: int
+) -> None:
+    assert runner.requests_per_level(prompts, concurrency, per_slot) == expected
+
+
 def test_settle_waits_for_the_expected_tokens() -> None:
     late = LateCounters(final=100, lag=3)
     settled = asyncio.run(runner.settle(late, Counters(), expected=100))  # type: ignore[arg-type]
@@ -599,7 +611,7 @@ def bench_command(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[st
     command = [
         *(sys.executable, "-m", "bentospec.cli", "bench", "--profile", "cpu"),
         *("--categories", "rag", "--num-prompts", "2", "--max-tokens", "16"),
-        *("--concurrency", "1,2", "--out", str(tmp_path), *extra),
+        *("--concurrency", "1,2", "--requests-per-slot", "3", "--out", str(tmp_path), *extra),
     ]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1500)
 
@@ -619,6 +631,8 @@ def test_bench_in_process_rounds_greedy_and_sampling(tmp_path: Path) -> None:
         for n in (1, 2)
     }
     assert all(r.output_tokens == r.counter_tokens > 0 for r in report.rows)
+    # Every prompt once and at least 3 requests per slot: 3 at c1, 6 at c2.
+    assert all(len(r.requests) == 3 * r.concurrency for r in report.rows)
     sampled = [s for s in report.stats if s.config == "cpu" and s.workload == "sampling"]
     assert all(s.spec.draft_tokens > 0 and s.speedup is not None for s in sampled)
     assert report.provenance.git_commit and report.provenance.vllm_version

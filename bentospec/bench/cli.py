@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bentospec.bench import __doc__ as BENCH_DOC
-from bentospec.bench.records import WORKLOADS, BenchSettings, WorkloadName
+from bentospec.bench.records import REQUESTS_PER_SLOT, WORKLOADS, BenchSettings, WorkloadName
 from bentospec.bench.render import DOC_END, DOC_START, splice, write_report
 from bentospec.bench.report import BenchReport
 from bentospec.bench.runner import bench_targets, run_targets
@@ -61,6 +61,13 @@ def add_load_arguments(
         help=f"comma-separated levels (default: {','.join(map(str, concurrency))})",
     )
     parser.add_argument(
+        "--requests-per-slot",
+        type=int,
+        default=REQUESTS_PER_SLOT,
+        help="each level sends at least this many requests per concurrent slot, so that it "
+        f"measures a steady batch more than its drain (default: {REQUESTS_PER_SLOT})",
+    )
+    parser.add_argument(
         "--workloads",
         type=workload_list,
         default=["greedy"],
@@ -93,6 +100,7 @@ def load_settings(args: argparse.Namespace) -> dict[str, Any]:
         "num_prompts": args.num_prompts,
         "max_tokens": args.max_tokens,
         "concurrency": args.concurrency,
+        "requests_per_slot": args.requests_per_slot,
         "workloads": args.workloads,
     }
 

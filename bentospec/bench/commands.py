@@ -22,6 +22,7 @@ def load_options(settings: BenchSettings) -> list[str]:
         args += ["--num-prompts", str(settings.num_prompts)]
     args += ["--max-tokens", str(settings.max_tokens)]
     args += ["--concurrency", ",".join(map(str, settings.concurrency))]
+    args += ["--requests-per-slot", str(settings.requests_per_slot)]
     return [*args, "--workloads", ",".join(settings.workloads)]
 
 

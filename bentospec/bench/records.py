@@ -151,6 +151,10 @@ class Provenance(BaseModel):
     cpu: CpuHost | None = None
 
 
+#: See :attr:`BenchSettings.requests_per_slot`.
+REQUESTS_PER_SLOT = 4
+
+
 class BenchSettings(BaseModel):
     """What a run measures (:func:`bentospec.bench.commands.bench_command` reproduces it)."""
 
@@ -161,6 +165,11 @@ class BenchSettings(BaseModel):
     num_prompts: int | None = None
     max_tokens: int = 128
     concurrency: list[int] = [1, 4, 16]
+    #: Requests per slot a level sends at least (``max(prompts, this x concurrency)``). The
+    #: level's wall time ends with its slowest slot, which on a mixed set is a slot whose
+    #: requests speculation cannot shorten: with 2 per slot that drain was most of a level,
+    #: and the level measured one batch's makespan rather than a service's throughput.
+    requests_per_slot: int = REQUESTS_PER_SLOT
     workloads: list[WorkloadName] = ["greedy"]
     rounds: int = 3
     #: Measure the first speculative profile through ``bentoml serve`` against ``vllm serve``.

@@ -165,10 +165,11 @@ def render_markdown(report: BenchReport) -> str:
         f"{len(report.prompt_ids)} prompts ({', '.join(settings.categories) or 'all categories'})"
         f" from `{Path(settings.prompts).name if settings.prompts else 'prompts.jsonl'}`, "
         f"max_tokens {settings.max_tokens}, workloads: {workloads}. Each level sends "
-        f"max(prompts, 2 x concurrency) streaming requests; configs run interleaved in "
-        f"{settings.rounds} rounds, each figure is the median over rounds with the range in "
-        "brackets, speedups are paired within a round. Tokens are counted from the token ids "
-        "of each response and checked against the engine's `vllm:generation_tokens`.",
+        f"max(prompts, {settings.requests_per_slot} x concurrency) streaming requests; configs "
+        f"run interleaved in {settings.rounds} rounds, each figure is the median over rounds "
+        "with the range in brackets, speedups are paired within a round. Tokens are counted "
+        "from the token ids of each response and checked against the engine's "
+        "`vllm:generation_tokens`.",
         f"Code {commit}, vLLM {prov.vllm_version}, BentoML {prov.bentoml_version}, "
         f"{prov.cpu_count} CPUs, load average (1/5/15 min) {_load(prov.load_avg_start)} at the "
         f"start and {_load(prov.load_avg_end)} at the end, "

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from bentospec.bench.clients import Client, open_engine, open_openai, open_server
 from bentospec.bench.records import (
     NO_SPEC,
+    REQUESTS_PER_SLOT,
     WORKLOADS,
     BenchRow,
     BenchSettings,
@@ -197,10 +198,10 @@ def round_order(items: Sequence[T], round_: int) -> list[T]:
     return list(items if round_ % 2 else reversed(items))
 
 
-def requests_per_level(prompts: int, concurrency: int) -> int:
-    """Every prompt once, and at least two requests per slot: a level of one request per slot
-    would be all ramp-up and tail, never a steady batch of ``concurrency``."""
-    return max(prompts, 2 * concurrency)
+def requests_per_level(prompts: int, concurrency: int, per_slot: int) -> int:
+    """Every prompt once, and at least ``per_slot`` requests per slot: a level of one request
+    per slot would be all ramp-up and tail, never a steady batch of ``concurrency``."""
+    return max(prompts, per_slot * concurrency)
 
 
 async def settle(
@@ -266,6 +267,7 @@ async def _measure_open(
     concurrency: Sequence[int],
     max_tokens: int,
     workloads: Sequence[str],
+    per_slot: int,
     progress: tqdm,
 ) -> list[BenchRow]:
     """Every workload and level of one target in one round."""
@@ -278,7 +280,7 @@ async def _measure_open(
             records, wall_s = await run_level(
                 client,
                 texts,
-                requests_per_level(len(texts), level),
+                requests_per_level(len(texts), level, per_slot),
                 level,
                 max_tokens,
                 workload,
@@ -316,6 +318,7 @@ async def measure(
     max_tokens: int,
     workloads: Sequence[str] = ("greedy",),
     rounds: int = 1,
+    per_slot: int = REQUESTS_PER_SLOT,
     keep_alive: bool = False,
     checkpoint: Callable[[list[BenchRow]], None] | None = None,
 ) -> list[BenchRow]:
@@ -330,7 +333,9 @@ async def measure(
     prompts = {
         t.config.model: render_cases(list(cases), tokenizer(t.config.model)) for t in targets
     }
-    per_open = len(workloads) * sum(requests_per_level(len(cases), c) for c in concurrency)
+    per_open = len(workloads) * sum(
+        requests_per_level(len(cases), c, per_slot) for c in concurrency
+    )
     rows: list[BenchRow] = []
     async with contextlib.AsyncExitStack() as alive:
         opened: dict[int, Client] = {}
@@ -346,7 +351,16 @@ async def measure(
             for round_ in range(1, rounds + 1):
                 for i in round_order(range(len(targets)), round_):
                     target, texts = targets[i], prompts[targets[i].config.model]
-                    args = (target, round_, texts, concurrency, max_tokens, workloads, bar)
+                    args = (
+                        target,
+                        round_,
+                        texts,
+                        concurrency,
+                        max_tokens,
+                        workloads,
+                        per_slot,
+                        bar,
+                    )
                     if i in opened:
                         rows += await _measure_open(opened[i], *args)
                         continue
@@ -426,6 +440,7 @@ async def run_targets(
         settings.max_tokens,
         settings.workloads,
         settings.rounds,
+        per_slot=settings.requests_per_slot,
         keep_alive=settings.servers,
         checkpoint=None if checkpoint is None else lambda done: checkpoint(report(done)),
     )
