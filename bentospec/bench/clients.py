@@ -152,6 +152,12 @@ async def open_engine(profile: Profile, env: Mapping[str, str]) -> AsyncIterator
         engine.shutdown()
 
 
+#: How long an idle connection is reused. Servers close theirs after 5 s (uvicorn's default,
+#: which BentoML and vLLM keep), httpx after 5 s too: a request sent on a connection in that
+#: instant fails with a ``ReadError``, as one did after a server sat idle between rounds.
+KEEPALIVE_EXPIRY_S = 2.0
+
+
 @contextlib.asynccontextmanager
 async def open_openai(
     url: str, model: str, runtime: LoadedRuntime | None = None
@@ -161,6 +167,7 @@ async def open_openai(
         base_url=url,
         headers={"Authorization": f"Bearer {key}"} if key else None,
         timeout=httpx.Timeout(600, connect=10),
+        limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
     ) as http:
         yield OpenAIClient(http, model, runtime)
 
