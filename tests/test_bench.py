@@ -391,6 +391,14 @@ def test_int_list_rejects_bad_levels(text: str) -> None:
         bench_cli.int_list(text)
 
 
+@pytest.mark.parametrize("text", ["", "0", "-2", "2,4", "x"])
+def test_requests_per_slot_must_be_one_positive_integer(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="expected"):
+        bench_cli.positive_int(text)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--requests-per-slot", text])
+
+
 @pytest.mark.parametrize("text", ["", "label", "label:", ":A=1", "label:A", "label:=1"])
 def test_server_env_rejects_what_is_not_label_key_value(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="LABEL:KEY=VALUE"):

@@ -34,6 +34,14 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def positive_int(text: str) -> int:
+    """``"4"`` -> ``4``; zero, negatives and lists are refused (argparse type)."""
+    values = int_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return values[0]
+
+
 def workload_list(text: str) -> list[WorkloadName]:
     """``"greedy,sampling"`` -> the workloads (argparse type)."""
     names = [part.strip() for part in text.split(",") if part.strip()]
@@ -62,7 +70,7 @@ def add_load_arguments(
     )
     parser.add_argument(
         "--requests-per-slot",
-        type=int,
+        type=positive_int,
         default=REQUESTS_PER_SLOT,
         help="each level sends at least this many requests per concurrent slot, so that it "
         f"measures a steady batch more than its drain (default: {REQUESTS_PER_SLOT})",
