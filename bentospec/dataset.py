@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict
 from bentospec.prompts import PromptTemplates, chat_prompt
 
 DEFAULT_DATASET = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
+#: Large pools of distinct prompts (:mod:`bentospec.pool_build`): ``bentospec tune`` tunes on
+#: the first, ``bentospec bench`` reports on the second.
+TUNE_POOL = DEFAULT_DATASET.with_name("pool-tune.jsonl")
+HELDOUT_POOL = DEFAULT_DATASET.with_name("pool-heldout.jsonl")
 
 Category = Literal["chat", "code", "math", "rag", "summarization"]
 

@@ -40,6 +40,9 @@ CPU_TORCH_URL = "https://download.pytorch.org/whl/cpu/"
 _UNUSED_PACKAGES = "torchvision torchaudio torchcodec"
 #: Debian's tcmalloc, for the CPU engine core (``make cpu-runtime`` installs it on a host).
 CPU_SYSTEM_PACKAGES = "libtcmalloc-minimal4"
+#: Hash-pinned by hand (one package each, installed without dependencies, in this order):
+#: arctic-inference's build requirements, then arctic-inference, built from source.
+SUFFIX_REQUIREMENTS = ("requirements-suffix-build.txt", "requirements-suffix.txt")
 #: How the lock files say they are regenerated (uv writes it into their header).
 _LOCK_COMMAND = "python -m bentospec.packaging --torch-cpu-wheels DIR"
 
@@ -79,6 +82,14 @@ def bento_image(profile: Profile) -> bentoml.images.Image:
         model_lock = LOCKS["model"].path
         image = image.build_include(model_lock).run(
             f"uv pip install --no-deps -r ./src/{model_lock}"
+        )
+        # arctic-inference for `suffix`: a source archive, built against the lock's torch with
+        # the cmake and nanobind its hashed build file pins (the Makefile's two steps).
+        build, suffix = SUFFIX_REQUIREMENTS
+        image = (
+            image.build_include(build, suffix)
+            .run(f"uv pip install --no-deps -r ./src/{build}")
+            .run(f"uv pip install --no-deps --no-build-isolation -r ./src/{suffix}")
         )
     image = image.run(f"uv pip uninstall {_UNUSED_PACKAGES} || true")
     # bentospec as a distribution, so that vLLM finds its `vllm.general_plugins` entry point

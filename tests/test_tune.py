@@ -244,7 +244,7 @@ def test_tune_command_tunes_then_validates_on_other_prompts(tmp_path: Path) -> N
         *(sys.executable, "-m", "bentospec.cli", "tune", "--profile", "cpu"),
         *("--prompts", str(prompts), "--out", str(out), "--k", "3", "--windows", "2:5"),
         *("--concurrency", "1,2", "--max-tokens", "16", "--validation-rounds", "1"),
-        *("--requests-per-slot", "2"),
+        *("--requests-per-slot", "2", "--prompt-reuse", "repeated"),
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]

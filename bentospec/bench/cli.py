@@ -8,14 +8,16 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from bentospec.bench import __doc__ as BENCH_DOC
+from bentospec.bench.prompt_plan import PromptReuse
 from bentospec.bench.records import REQUESTS_PER_SLOT, WORKLOADS, BenchSettings, WorkloadName
 from bentospec.bench.render import DOC_END, DOC_START, splice, write_report
 from bentospec.bench.report import BenchReport
 from bentospec.bench.runner import bench_targets, run_targets
-from bentospec.dataset import PromptCase, load_cases
+from bentospec.dataset import HELDOUT_POOL, PromptCase, load_cases
+from bentospec.settings import PROJECT_ROOT
 
 DEFAULT_OUT = Path("bench-results")
 #: Batch sizes measured unless ``--concurrency`` says otherwise (bench and tune): one
@@ -54,9 +56,22 @@ def workload_list(text: str) -> list[WorkloadName]:
 
 
 def add_load_arguments(
-    parser: argparse.ArgumentParser, concurrency: Sequence[int], rounds: int
+    parser: argparse.ArgumentParser, concurrency: Sequence[int], rounds: int, prompts: Path
 ) -> None:
-    """The prompt and load options bench and tune share."""
+    """The prompt and load options bench and tune share; ``prompts`` is the default file."""
+    default = str(prompts.relative_to(PROJECT_ROOT))
+    parser.add_argument(
+        "--prompts", metavar="FILE", default=default, help=f"JSONL prompt file (default: {default})"
+    )
+    parser.add_argument(
+        "--prompt-reuse",
+        choices=get_args(PromptReuse),
+        default="unseen",
+        help="unseen: a server gets each prompt at most once in its life, so no figure comes "
+        "from a cache (prefix cache, suffix's global tree) that saw the request; repeated: "
+        "every level cycles through the same prompts, the 'repeated documents' workload "
+        "(default: unseen)",
+    )
     parser.add_argument("--categories", nargs="*", default=[], help="e.g. rag code (default: all)")
     parser.add_argument("--num-prompts", type=int, default=None, help="default: every prompt")
     parser.add_argument(
@@ -104,6 +119,7 @@ def load_settings(args: argparse.Namespace) -> dict[str, Any]:
     ``--prompts``), but ``rounds``, which tune sets per phase."""
     return {
         "prompts": args.prompts,
+        "prompt_reuse": args.prompt_reuse,
         "categories": args.categories,
         "num_prompts": args.num_prompts,
         "max_tokens": args.max_tokens,
@@ -114,8 +130,13 @@ def load_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def selected_cases(args: argparse.Namespace) -> list[PromptCase]:
-    """The prompt cases ``--prompts/--categories/--num-prompts`` select; exits if none."""
-    prompts = Path(args.prompts) if args.prompts else None
+    """The prompt cases ``--prompts/--categories/--num-prompts`` select; exits if none.
+
+    A relative ``--prompts`` missing from the working directory is read from the project's.
+    """
+    prompts = Path(args.prompts)
+    if not prompts.is_absolute() and not prompts.exists():
+        prompts = PROJECT_ROOT / prompts
     cases = load_cases(prompts, set(args.categories) or None, args.num_prompts)
     if not cases:
         raise SystemExit("error: no prompts selected: check --prompts, --categories, --num-prompts")
@@ -136,10 +157,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="profile to compare with no speculation; repeatable (default: cpu)",
     )
-    parser.add_argument(
-        "--prompts", metavar="FILE", help="JSONL prompt file (default: the committed dataset)"
-    )
-    add_load_arguments(parser, DEFAULT_CONCURRENCY, rounds=3)
+    add_load_arguments(parser, DEFAULT_CONCURRENCY, rounds=3, prompts=HELDOUT_POOL)
     parser.add_argument(
         "--peer",
         action="store_true",
@@ -152,6 +170,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="every --profile through its own `bentoml serve` (list a profile without "
         "speculation as the baseline, e.g. cpu-nospec), all started once and kept alive, "
         "measured interleaved; with --peer, vLLM's own server too",
+    )
+    parser.add_argument(
+        "--restart-servers",
+        action="store_true",
+        help="with --servers: start every server afresh each round instead of once (each "
+        "round's servers then get the same unseen prompts)",
     )
     parser.add_argument(
         "--server-env",
@@ -204,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
             rounds=args.rounds,
             peer=args.peer,
             servers=args.servers,
+            restart_servers=args.restart_servers,
             compare_service=args.compare_service,
             url=args.url,
             server_env=dict(args.server_env),

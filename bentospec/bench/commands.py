@@ -14,8 +14,9 @@ def load_options(settings: BenchSettings) -> list[str]:
     """The prompt and load options both commands share
     (:func:`bentospec.bench.cli.add_load_arguments`), but ``--rounds``."""
     args: list[str] = []
-    if settings.prompts is not None:
-        args += ["--prompts", settings.prompts]
+    # None: results written while the committed dataset was the default.
+    args += ["--prompts", settings.prompts or "bentospec/data/prompts.jsonl"]
+    args += ["--prompt-reuse", settings.prompt_reuse]
     if settings.categories:
         args += ["--categories", *settings.categories]
     if settings.num_prompts is not None:
@@ -34,6 +35,7 @@ def bench_command(settings: BenchSettings) -> str:
     args += ["--url", settings.url] if settings.url is not None else []
     args += ["--peer"] if settings.peer else []
     args += ["--servers"] if settings.servers else []
+    args += ["--restart-servers"] if settings.restart_servers else []
     args += ["--compare-service"] if settings.compare_service else []
     for label, env in settings.server_env.items():
         args += ["--server-env", f"{label}:" + ",".join(f"{k}={v}" for k, v in env.items())]

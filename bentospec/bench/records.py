@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, computed_field
 
+from bentospec.bench.prompt_plan import PromptReuse
 from bentospec.bench.stats import percentile
 from bentospec.cpu_host import CpuHost
 from bentospec.cpu_runtime import LoadedRuntime
@@ -170,12 +171,19 @@ class BenchSettings(BaseModel):
     #: requests speculation cannot shorten: with 2 per slot that drain was most of a level,
     #: and the level measured one batch's makespan rather than a service's throughput.
     requests_per_slot: int = REQUESTS_PER_SLOT
+    #: ``unseen``: a server gets each prompt at most once in its life, so no figure comes from
+    #: a cache that saw the request; ``repeated``: the "repeated documents" workload
+    #: (:mod:`bentospec.bench.prompt_plan`). Results written before it was recorded repeated.
+    prompt_reuse: PromptReuse = "unseen"
     workloads: list[WorkloadName] = ["greedy"]
     rounds: int = 3
     #: Measure the first speculative profile through ``bentoml serve`` against ``vllm serve``.
     peer: bool = False
     #: Every profile through its own ``bentoml serve``, all kept alive for the whole run.
     servers: bool = False
+    #: With ``servers``: start them afresh every round instead (a fresh server has seen no
+    #: prompt, so ``unseen`` needs one round's prompts, not every round's).
+    restart_servers: bool = False
     #: Measure the first profile through ``bentoml serve`` against the in-process engine too.
     compare_service: bool = False
     #: A running service to measure (serving the first profile) instead of in-process engines.
@@ -184,3 +192,8 @@ class BenchSettings(BaseModel):
     #: that environment (e.g. ``BENTOSPEC_CPU_PRELOAD=off``), and speedups pair within a label.
     server_env: dict[str, dict[str, str]] = {}
     out: str = "bench-results"
+
+    @property
+    def servers_outlive_rounds(self) -> bool:
+        """Whether the servers measured stay up from round to round (a running ``url`` too)."""
+        return (self.servers and not self.restart_servers) or self.url is not None

@@ -9,7 +9,8 @@ from pathlib import Path
 from bentospec.bench.checks import GreedyAgreement
 from bentospec.bench.commands import bench_command
 from bentospec.bench.figures import ConfigStats, ViaRatio, speedup_targets
-from bentospec.bench.records import WORKLOADS, BenchRow
+from bentospec.bench.prompt_plan import UNSEEN_LEVEL_MIN
+from bentospec.bench.records import WORKLOADS, BenchRow, BenchSettings
 from bentospec.bench.report import BenchReport
 from bentospec.bench.stats import Spread
 from bentospec.profile import SpeculativeSpec
@@ -149,6 +150,23 @@ def _host(report: BenchReport) -> list[str]:
     return [f"CPU: {cpu.model}, class {cpu.host_class}; dtype {' / '.join(dtypes)}."]
 
 
+def _reuse(settings: BenchSettings) -> str:
+    """How the run kept (or, for repeated documents, did not keep) caches out of its figures."""
+    per_slot = settings.requests_per_slot
+    if settings.prompt_reuse == "repeated":
+        return (
+            "Repeated documents: every level cycles through the same prompts, the warm-up "
+            f"too, sending max(prompts, {per_slot} x concurrency) streaming requests, so caches "
+            "that remember requests (prefix cache, suffix's global tree) gain from repetition."
+        )
+    lives = "the whole run" if settings.servers_outlive_rounds else "one round"
+    return (
+        "Unseen prompts: every server gets each prompt at most once in its life "
+        f"({lives}), the warm-up on prompts no level measures; each level sends "
+        f"max({UNSEEN_LEVEL_MIN}, {per_slot} x concurrency) streaming requests."
+    )
+
+
 def _load(values: tuple[float, float, float]) -> str:
     return " / ".join(f"{v:.2f}" for v in values)
 
@@ -164,8 +182,7 @@ def render_markdown(report: BenchReport) -> str:
     parts = [
         f"{len(report.prompt_ids)} prompts ({', '.join(settings.categories) or 'all categories'})"
         f" from `{Path(settings.prompts).name if settings.prompts else 'prompts.jsonl'}`, "
-        f"max_tokens {settings.max_tokens}, workloads: {workloads}. Each level sends "
-        f"max(prompts, {settings.requests_per_slot} x concurrency) streaming requests; configs "
+        f"max_tokens {settings.max_tokens}, workloads: {workloads}. {_reuse(settings)} Configs "
         f"run interleaved in {settings.rounds} rounds, each figure is the median over rounds "
         "with the range in brackets, speedups are paired within a round. Tokens are counted "
         "from the token ids of each response and checked against the engine's "

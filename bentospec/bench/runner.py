@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from pydantic import BaseModel
 
 from bentospec.bench.clients import Client, open_engine, open_openai, open_server
+from bentospec.bench.prompt_plan import PromptPlan, plan_prompts
 from bentospec.bench.records import (
     NO_SPEC,
-    REQUESTS_PER_SLOT,
     WORKLOADS,
     BenchRow,
     BenchSettings,
@@ -198,12 +198,6 @@ def round_order(items: Sequence[T], round_: int) -> list[T]:
     return list(items if round_ % 2 else reversed(items))
 
 
-def requests_per_level(prompts: int, concurrency: int, per_slot: int) -> int:
-    """Every prompt once, and at least ``per_slot`` requests per slot: a level of one request
-    per slot would be all ramp-up and tail, never a steady batch of ``concurrency``."""
-    return max(prompts, per_slot * concurrency)
-
-
 async def settle(
     client: Client, since: Counters | None = None, expected: int | None = None
 ) -> Counters:
@@ -225,20 +219,19 @@ async def settle(
 async def run_level(
     client: Client,
     prompts: Sequence[str],
-    requests: int,
+    indices: Sequence[int],
     concurrency: int,
     max_tokens: int,
     workload: str,
     progress: tqdm | None = None,
 ) -> tuple[list[RequestRecord], float]:
-    """``requests`` requests cycling through ``prompts``, ``concurrency`` in flight."""
-    pending: Iterator[int] = iter(range(requests))
+    """A request per index into ``prompts``, in order, ``concurrency`` in flight."""
+    pending: Iterator[int] = iter(indices)
     records: list[RequestRecord] = []
 
     async def worker() -> None:
         # Workers share one iterator: each takes the next request as soon as it is free.
-        for i in pending:
-            index = i % len(prompts)
+        for index in pending:
             records.append(
                 await client.request(index, prompts[index], max_tokens, WORKLOADS[workload])
             )
@@ -264,10 +257,10 @@ async def _measure_open(
     target: Target,
     round_: int,
     texts: Sequence[str],
+    plan: PromptPlan,
     concurrency: Sequence[int],
     max_tokens: int,
     workloads: Sequence[str],
-    per_slot: int,
     progress: tqdm,
 ) -> list[BenchRow]:
     """Every workload and level of one target in one round."""
@@ -280,7 +273,7 @@ async def _measure_open(
             records, wall_s = await run_level(
                 client,
                 texts,
-                requests_per_level(len(texts), level, per_slot),
+                plan.level(round_, workload, level),
                 level,
                 max_tokens,
                 workload,
@@ -306,19 +299,36 @@ async def _measure_open(
     return rows
 
 
-async def _warm_up(client: Client, texts: Sequence[str], concurrency: Sequence[int]) -> None:
-    top = max(concurrency)
-    await run_level(client, texts, min(len(texts), top), top, WARMUP_MAX_TOKENS, "greedy")
+async def _warm_up(client: Client, texts: Sequence[str], plan: PromptPlan) -> None:
+    top = len(plan.warm_up)
+    await run_level(client, texts, plan.warm_up, top, WARMUP_MAX_TOKENS, "greedy")
+
+
+def plan_for(settings: BenchSettings, cases: int) -> PromptPlan:
+    """The prompt of every request of a run on ``cases`` prompts.
+
+    Raises:
+        PromptPoolTooSmall: ``unseen`` needs more distinct prompts than ``cases``.
+    """
+    return plan_prompts(
+        cases,
+        settings.concurrency,
+        settings.workloads,
+        settings.rounds,
+        settings.requests_per_slot,
+        settings.prompt_reuse,
+        outlive_rounds=settings.servers_outlive_rounds,
+    )
 
 
 async def measure(
     targets: Sequence[Target],
     cases: Sequence[PromptCase],
+    prompt_plan: PromptPlan,
     concurrency: Sequence[int],
     max_tokens: int,
     workloads: Sequence[str] = ("greedy",),
     rounds: int = 1,
-    per_slot: int = REQUESTS_PER_SLOT,
     keep_alive: bool = False,
     checkpoint: Callable[[list[BenchRow]], None] | None = None,
 ) -> list[BenchRow]:
@@ -326,16 +336,14 @@ async def measure(
 
     Each round opens each target in turn, or, with ``keep_alive``, all targets stay open from
     the first round to the last (servers only: each has its own process and counters) and
-    only the measuring is interleaved. ``checkpoint`` gets the rows after every round.
+    only the measuring is interleaved. ``prompt_plan`` (:func:`plan_for`) says which prompt
+    each request carries. ``checkpoint`` gets the rows after every round.
     """
     from tqdm import tqdm
 
     prompts = {
         t.config.model: render_cases(list(cases), tokenizer(t.config.model)) for t in targets
     }
-    per_open = len(workloads) * sum(
-        requests_per_level(len(cases), c, per_slot) for c in concurrency
-    )
     rows: list[BenchRow] = []
     async with contextlib.AsyncExitStack() as alive:
         opened: dict[int, Client] = {}
@@ -346,8 +354,9 @@ async def measure(
                 starts = [group.create_task(alive.enter_async_context(t.open())) for t in targets]
             for i, (target, start) in enumerate(zip(targets, starts, strict=True)):
                 opened[i] = start.result()
-                await _warm_up(opened[i], prompts[target.config.model], concurrency)
-        with tqdm(total=rounds * len(targets) * per_open, unit="req", dynamic_ncols=True) as bar:
+                await _warm_up(opened[i], prompts[target.config.model], prompt_plan)
+        total = len(targets) * sum(map(len, prompt_plan.levels.values()))
+        with tqdm(total=total, unit="req", dynamic_ncols=True) as bar:
             for round_ in range(1, rounds + 1):
                 for i in round_order(range(len(targets)), round_):
                     target, texts = targets[i], prompts[targets[i].config.model]
@@ -355,10 +364,10 @@ async def measure(
                         target,
                         round_,
                         texts,
+                        prompt_plan,
                         concurrency,
                         max_tokens,
                         workloads,
-                        per_slot,
                         bar,
                     )
                     if i in opened:
@@ -366,7 +375,7 @@ async def measure(
                         continue
                     bar.set_description(f"round {round_} {target.config.label}: starting")
                     async with target.open() as client:
-                        await _warm_up(client, texts, concurrency)
+                        await _warm_up(client, texts, prompt_plan)
                         rows += await _measure_open(client, *args)
                 if checkpoint is not None:
                     checkpoint(rows)
@@ -436,12 +445,12 @@ async def run_targets(
     rows = await measure(
         targets,
         cases,
+        plan_for(settings, len(cases)),
         settings.concurrency,
         settings.max_tokens,
         settings.workloads,
         settings.rounds,
-        per_slot=settings.requests_per_slot,
-        keep_alive=settings.servers,
+        keep_alive=settings.servers and not settings.restart_servers,
         checkpoint=None if checkpoint is None else lambda done: checkpoint(report(done)),
     )
     return report(rows)
