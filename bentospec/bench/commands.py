@@ -8,6 +8,8 @@ import shlex
 from pathlib import Path
 
 from bentospec.bench.records import BenchSettings
+from bentospec.dataset import DEFAULT_DATASET
+from bentospec.settings import PROJECT_ROOT
 
 
 def load_options(settings: BenchSettings) -> list[str]:
@@ -15,7 +17,7 @@ def load_options(settings: BenchSettings) -> list[str]:
     (:func:`bentospec.bench.cli.add_load_arguments`), but ``--rounds``."""
     args: list[str] = []
     # None: results written while the committed dataset was the default.
-    args += ["--prompts", settings.prompts or "bentospec/data/prompts.jsonl"]
+    args += ["--prompts", settings.prompts or str(DEFAULT_DATASET.relative_to(PROJECT_ROOT))]
     args += ["--prompt-reuse", settings.prompt_reuse]
     if settings.categories:
         args += ["--categories", *settings.categories]
