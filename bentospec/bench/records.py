@@ -194,6 +194,11 @@ class BenchSettings(BaseModel):
     out: str = "bench-results"
 
     @property
+    def keeps_servers(self) -> bool:
+        """Whether the run starts its servers once and keeps them up for every round."""
+        return self.servers and not self.restart_servers
+
+    @property
     def servers_outlive_rounds(self) -> bool:
         """Whether the servers measured stay up from round to round (a running ``url`` too)."""
-        return (self.servers and not self.restart_servers) or self.url is not None
+        return self.keeps_servers or self.url is not None

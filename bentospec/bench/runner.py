@@ -450,7 +450,7 @@ async def run_targets(
         settings.max_tokens,
         settings.workloads,
         settings.rounds,
-        keep_alive=settings.servers and not settings.restart_servers,
+        keep_alive=settings.keeps_servers,
         checkpoint=None if checkpoint is None else lambda done: checkpoint(report(done)),
     )
     return report(rows)
