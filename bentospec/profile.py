@@ -153,7 +153,8 @@ class SpeculativeSpec(_Strict):
     """GPUs a draft model is sharded over: 1 (a copy on each GPU) or the target's size;
     unset: the target's."""
     num_speculative_tokens_per_batch_size: tuple[BatchSizeStep, ...] | None = None
-    """Speculate fewer (or zero) tokens as the batch grows, where verification stops paying."""
+    """Speculate fewer (or zero) tokens as the batch grows, where verification stops paying
+    (``suffix``: the most its match-length drafts may take, :mod:`bentospec.suffix_schedule`)."""
     host_schedules: dict[HostClass, tuple[BatchSizeStep, ...]] | None = None
     """CPU profiles: a ``num_speculative_tokens_per_batch_size`` per host class
     (:mod:`bentospec.cpu_host`), taken at start for the class found, since what a verify
@@ -210,14 +211,6 @@ class SpeculativeSpec(_Strict):
             raise ValueError(f"prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi})")
         if self.method != "suffix" and any(getattr(self, key) is not None for key in SUFFIX_KEYS):
             raise ValueError("suffix_decoding_* keys only apply to method 'suffix'")
-        if self.method == "suffix" and (
-            self.num_speculative_tokens_per_batch_size or self.host_schedules
-        ):
-            raise ValueError(
-                "method 'suffix' takes no batch-size schedule: vLLM 0.32's suffix proposer "
-                "asserts that every step asks for num_speculative_tokens; its draft length "
-                "follows the match instead (suffix_decoding_max_spec_factor)"
-            )
         if self.use_heterogeneous_vocab and self.method != "draft_model":
             raise ValueError("use_heterogeneous_vocab requires method 'draft_model'")
         self._check_schedule()

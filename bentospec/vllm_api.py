@@ -296,6 +296,13 @@ def ngram_proposer(config: VllmConfig) -> NgramProposer:
     return NgramProposer(config)
 
 
+def suffix_proposer_class() -> type:
+    """vLLM's suffix-decoding proposer (it imports ``arctic_inference`` only when built)."""
+    from vllm.v1.spec_decode.suffix_decoding import SuffixDecodingProposer
+
+    return SuffixDecodingProposer
+
+
 def model_runner_class() -> type[GPUModelRunner]:
     """vLLM's model runner base (the CPU runner derives from it)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner

@@ -85,7 +85,6 @@ def test_gpu_profiles_match_their_hardware(profile: Profile) -> None:
         ),
         ("schedule-gap.yaml", r"without gaps or overlaps; got range \[10, 32\]"),
         ("suffix-key-on-ngram.yaml", r"suffix_decoding_\* keys only apply to method 'suffix'"),
-        ("suffix-with-schedule.yaml", r"method 'suffix' takes no batch-size schedule"),
         ("schedule-overlap.yaml", r"without gaps or overlaps; got range \[8, 32\]"),
         (
             "prompt-lookup-min-above-max.yaml",
