@@ -66,10 +66,10 @@ def test_the_plugin_is_a_vllm_general_plugin() -> None:
 
 def test_vllms_suffix_proposer_refuses_a_scheduled_k_below_its_maximum() -> None:
     """The bug: when this fails, vLLM takes the scheduled k and the plugin can go."""
-    assert refuses_shorter_steps(vllm_proposer())
-    assert not refuses_shorter_steps(
-        type("Fixed", (vllm_proposer(),), {"propose": following_schedule(vllm_proposer().propose)})
-    )
+    proposer = vllm_proposer()
+    assert refuses_shorter_steps(proposer)
+    fixed = type("Fixed", (proposer,), {"propose": following_schedule(proposer.propose)})
+    assert not refuses_shorter_steps(fixed)
 
 
 @pytest.mark.parametrize("scheduled", [0, 1, 3, 8])
