@@ -165,6 +165,7 @@ def test_image_installs_bentospec_with_its_vllm_plugin(
         "bentospec.cpu_compile_cache_fix:register",
         "bentospec.cpu_shm_wait:register",
         "bentospec.cpu_draft_ids:register",
+        "bentospec.suffix_schedule:register",
     }
     assert dist.read_text("METADATA").partition("\n\n")[2].strip(), "README.md did not reach it"
 
