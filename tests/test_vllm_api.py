@@ -121,6 +121,14 @@ def test_cpu_engine_core_side_names_exist() -> None:
 def test_engine_core_side_names_exist() -> None:
     init = inspect.signature(NgramProposer.__init__)
     assert list(init.parameters)[:2] == ["self", "vllm_config"]
+    # What suffix_schedule wraps: propose(num_speculative_tokens, input_batch, sampled_ids).
+    propose = inspect.signature(vllm_api.suffix_proposer_class().propose)
+    assert list(propose.parameters)[:4] == [
+        "self",
+        "num_speculative_tokens",
+        "input_batch",
+        "sampled_token_ids",
+    ]
     assert isinstance(vllm_api.counter_samples(), list)
 
 
