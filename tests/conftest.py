@@ -27,9 +27,12 @@ from bentospec.bench.records import BenchRow, RequestCount, Via, WorkloadName
 from bentospec.bench.servers import BentoServer as BentoServer
 from bentospec.bench.servers import Server
 from bentospec.bench.servers import free_port as free_port
+from bentospec.dataset import PromptCase, render_cases
 from bentospec.engine import SpecEngine
+from bentospec.generation import generate_full
 from bentospec.metrics import SpecCounters
 from bentospec.profile import Profile, SpeculativeSpec, list_profiles, load_profile
+from bentospec.schemas import GenerateResult, SamplingOptions
 
 ROOT = settings.PROJECT_ROOT
 #: The repository's profile catalogue, whatever ``BENTOSPEC_CONFIG_DIR`` says.
@@ -116,6 +119,19 @@ class LoopThread:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+def greedy_answer(loop: LoopThread, profile: Profile, case: PromptCase) -> GenerateResult:
+    """``case``'s 48-token greedy answer from a fresh engine of ``profile``: what a plugin's
+    engine test compares with the plugin one way and the other."""
+
+    async def run() -> GenerateResult:
+        async with SpecEngine(profile) as engine:
+            (prompt,) = render_cases([case], engine.llm.tokenizer)
+            options = SamplingOptions(temperature=0.0, max_tokens=48)
+            return await generate_full(engine, prompt, options)
+
+    return loop.run(run())
 
 
 #: Examples per fuzzed test in CI, from a fixed seed: inside CI's budget.

@@ -18,12 +18,10 @@ from bentospec.cpu_draft_ids import (
     taking_kept,
     with_drafts,
 )
-from bentospec.dataset import load_cases, render_cases
-from bentospec.engine import SpecEngine
-from bentospec.generation import generate_full
+from bentospec.dataset import load_cases
 from bentospec.profile import load_profile
-from bentospec.schemas import GenerateResult, SamplingOptions
-from tests.conftest import LoopThread
+from bentospec.schemas import GenerateResult
+from tests.conftest import LoopThread, greedy_answer
 
 
 class Runner:
@@ -130,13 +128,6 @@ def test_an_engine_verifies_the_same_drafts_either_way(
     results: dict[str, GenerateResult] = {}
     for mode in ("rpc", "carried"):
         monkeypatch.setenv(settings.CPU_DRAFTS.name, mode)
-
-        async def run() -> GenerateResult:
-            async with SpecEngine(profile) as engine:
-                (prompt,) = render_cases([case], engine.llm.tokenizer)
-                options = SamplingOptions(temperature=0.0, max_tokens=48)
-                return await generate_full(engine, prompt, options)
-
-        results[mode] = loop.run(run())
+        results[mode] = greedy_answer(loop, profile, case)
     assert results["carried"].speculation.accepted_tokens > 0
     assert results["carried"] == results["rpc"]

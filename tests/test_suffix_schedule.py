@@ -4,18 +4,16 @@ around, its wrapper over vLLM's own proposer, and a real engine with a schedule.
 from __future__ import annotations
 
 from importlib.metadata import entry_points
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from bentospec import vllm_api
-from bentospec.dataset import load_cases, render_cases
-from bentospec.engine import SpecEngine
-from bentospec.generation import generate_full
-from bentospec.profile import Profile, load_profile
-from bentospec.schemas import GenerateResult, SamplingOptions
+from bentospec.dataset import load_cases
+from bentospec.profile import load_profile
 from bentospec.suffix_schedule import PLUGIN_NAME, following_schedule, refuses_shorter_steps
-from tests.conftest import LoopThread
+from tests.conftest import LoopThread, greedy_answer
 
 pytest.importorskip("arctic_inference")
 
@@ -32,16 +30,19 @@ def vllm_proposer() -> type:
 
 
 def proposer_with_tree(k: int) -> object:
-    """vLLM's proposer over a real suffix tree, as its ``__init__`` builds it for one request."""
-    from arctic_inference.suffix_decoding import SuffixDecodingCache
-
-    proposer = vllm_proposer()
-    instance = proposer.__new__(proposer)
-    instance.num_speculative_tokens = k
-    instance.max_tree_depth, instance.max_spec_factor, instance.min_token_prob = 24, 1.0, 0.1
-    instance.max_model_len = 4096
-    instance.suffix_cache = SuffixDecodingCache(max_tree_depth=24, max_cached_requests=0)
-    return instance
+    """vLLM's proposer built by its own ``__init__`` over a real suffix tree (vLLM's defaults,
+    no global tree), from the config fields it reads."""
+    speculative = SimpleNamespace(
+        num_speculative_tokens=k,
+        suffix_decoding_max_tree_depth=24,
+        suffix_decoding_max_cached_requests=0,
+        suffix_decoding_max_spec_factor=1.0,
+        suffix_decoding_min_token_prob=0.1,
+    )
+    config = SimpleNamespace(
+        speculative_config=speculative, model_config=SimpleNamespace(max_model_len=4096)
+    )
+    return vllm_proposer()(config)
 
 
 class OneRequestBatch:
@@ -52,10 +53,11 @@ class OneRequestBatch:
         self.req_id_to_index = {"r": 0}
         self.num_prompt_tokens = np.array([len(PROMPT)])
         self.token_ids_cpu = np.zeros((1, 4096), dtype=np.int32)
+        self.num_tokens_no_spec = np.array([0])
         self.extend(tokens)
 
     def extend(self, tokens: list[int]) -> None:
-        start = int(getattr(self, "num_tokens_no_spec", np.array([0]))[0])
+        start = int(self.num_tokens_no_spec[0])
         self.token_ids_cpu[0, start : start + len(tokens)] = tokens
         self.num_tokens_no_spec = np.array([start + len(tokens)])
 
@@ -100,15 +102,8 @@ def test_an_engine_with_a_suffix_schedule_drafts_at_most_the_scheduled_k(
         spec.model_copy(update={"num_speculative_tokens_per_batch_size": ((1, 16, 2),)})
     )
     (case,) = load_cases(None, {"rag"}, 1)
-
-    async def run(profile: Profile) -> GenerateResult:
-        async with SpecEngine(profile) as engine:
-            (prompt,) = render_cases([case], engine.llm.tokenizer)
-            options = SamplingOptions(temperature=0.0, max_tokens=48)
-            return await generate_full(engine, prompt, options)
-
-    result = loop.run(run(scheduled))
-    plain = loop.run(run(load_profile("cpu-nospec").with_engine(dtype="float32")))
+    result = greedy_answer(loop, scheduled, case)
+    plain = greedy_answer(loop, load_profile("cpu-nospec").with_engine(dtype="float32"), case)
     stats = result.speculation
     assert stats.accepted_tokens > 0 and stats.steps_with_drafts
     assert stats.draft_tokens <= 2 * stats.steps_with_drafts
