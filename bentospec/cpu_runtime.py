@@ -56,6 +56,9 @@ class LoadedRuntime(BaseModel):
     allocator: str
     #: The process's CPU affinity (its main thread's), ``None`` where it cannot be read.
     cpus: list[int] | None = None
+    #: The cores its workers' threads are bound to (an engine core's): one core under vLLM's
+    #: binding, every core once a wide step ran (:mod:`bentospec.cpu_step_threads`).
+    worker_cpus: list[int] | None = None
 
 
 def prescribed_preload() -> list[str]:
@@ -111,10 +114,15 @@ def loaded_runtime(pid: int) -> LoadedRuntime | None:
         cpus: list[int] | None = sorted(os.sched_getaffinity(pid))
     except OSError:
         cpus = None
+    try:
+        workers: list[int] | None = sorted(worker_cpus(pid)) or None
+    except psutil.Error:
+        workers = None
     return LoadedRuntime(
         openmp=first("libiomp") or first("libgomp"),
         allocator=first("libtcmalloc") or first("libjemalloc") or "glibc",
         cpus=cpus,
+        worker_cpus=workers,
     )
 
 
@@ -172,14 +180,18 @@ def log_runtime(pid: int | None) -> LoadedRuntime | None:
     runtime = loaded_runtime(pid) if pid is not None else None
     if runtime is not None:
         logger.info(
-            "engine core (pid %d) runs with OpenMP %s and allocator %s on cores %s (%s=%s, %s=%s)",
+            "engine core (pid %d) runs with OpenMP %s and allocator %s on cores %s, its worker "
+            "on %s (%s=%s, %s=%s, %s=%s)",
             pid,
             runtime.openmp or "none",
             runtime.allocator,
             runtime.cpus,
+            runtime.worker_cpus,
             PRELOAD_ENV,
             settings.CPU_PRELOAD.get(),
             RESERVED_BIND_ENV,
             settings.CPU_RESERVED_BIND.get(),
+            settings.CPU_WIDE_STEP_TOKENS.name,
+            settings.CPU_WIDE_STEP_TOKENS.get(),
         )
     return runtime

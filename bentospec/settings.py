@@ -111,6 +111,14 @@ CPU_SHM_SPIN: Variable[float | None] = Variable(
     "message before it sleeps until the next one is signalled; unset: vLLM's 1 s; `0`: sleep "
     "at once, leaving the core to the worker and the API process.",
 )
+CPU_WIDE_STEP_TOKENS: Variable[int] = Variable(
+    "BENTOSPEC_CPU_WIDE_STEP_TOKENS",
+    int,
+    1,
+    "A CPU engine step scheduling at least this many tokens runs its forward pass with one more "
+    "OpenMP thread on each core vLLM reserves (`1`: every step; `64`: prefills); `0`: vLLM's "
+    "threads for every step.",
+)
 HF_TOKEN: Variable[str | None] = Variable(
     "HF_TOKEN",
     str,
@@ -143,6 +151,7 @@ VARIABLES: tuple[Variable[object], ...] = (
     CPU_RESERVED_BIND,
     CPU_DRAFTS,
     CPU_SHM_SPIN,
+    CPU_WIDE_STEP_TOKENS,
     HF_TOKEN,
     FUZZ_EXAMPLES,
     FUZZ_DATABASE,

@@ -131,6 +131,7 @@ def _runtimes(rows: Sequence[BenchRow]) -> list[str]:
     """One line naming each config's engine-core OpenMP library and allocator, if known."""
     seen = {
         r.key: f"{r.runtime.openmp or 'no OpenMP'} + {r.runtime.allocator}"
+        + (f", worker threads on cores {r.runtime.worker_cpus}" if r.runtime.worker_cpus else "")
         for r in rows
         if r.runtime is not None
     }
