@@ -83,11 +83,20 @@ class OpenAIClient:
     ``/metrics``. The same client for this service and for ``vllm serve``."""
 
     def __init__(
-        self, http: httpx.AsyncClient, model: str, runtime: LoadedRuntime | None = None
+        self,
+        http: httpx.AsyncClient,
+        model: str,
+        read_runtime: Callable[[], LoadedRuntime | None] | None = None,
     ) -> None:
         self._http = http
         self._model = model
-        self.runtime = runtime
+        self._read_runtime = read_runtime
+
+    @property
+    def runtime(self) -> LoadedRuntime | None:
+        """Read when asked, after each level: the cores the worker's threads ran on change
+        with the work (``bentospec/cpu_step_threads.py``)."""
+        return self._read_runtime() if self._read_runtime is not None else None
 
     async def request(
         self, prompt_index: int, prompt: str, max_tokens: int, workload: Workload
@@ -160,7 +169,7 @@ KEEPALIVE_EXPIRY_S = 2.0
 
 @contextlib.asynccontextmanager
 async def open_openai(
-    url: str, model: str, runtime: LoadedRuntime | None = None
+    url: str, model: str, read_runtime: Callable[[], LoadedRuntime | None] | None = None
 ) -> AsyncIterator[OpenAIClient]:
     key = settings.API_KEY.get()
     async with httpx.AsyncClient(
@@ -169,7 +178,7 @@ async def open_openai(
         timeout=httpx.Timeout(600, connect=10),
         limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
     ) as http:
-        yield OpenAIClient(http, model, runtime)
+        yield OpenAIClient(http, model, read_runtime)
 
 
 @contextlib.asynccontextmanager
@@ -178,8 +187,7 @@ async def open_server(start: Callable[[], Server], model: str) -> AsyncIterator[
     server = await asyncio.to_thread(start)
     try:
         await asyncio.to_thread(server.wait_ready, SERVER_START_TIMEOUT_S)
-        runtime = await asyncio.to_thread(server.engine_core_runtime)
-        async with open_openai(server.url, model, runtime) as client:
+        async with open_openai(server.url, model, server.engine_core_runtime) as client:
             yield client
     finally:
         await asyncio.to_thread(server.stop)
