@@ -30,6 +30,7 @@ from bentospec.generation import (
 )
 from bentospec.hardware import select_profile
 from bentospec.metrics import SpecGauges, StatusGauges, engine_counters
+from bentospec.model_store import bento_model
 from bentospec.opea import build_opea_app
 from bentospec.openai_app import attach, build_openai_app, detach, store_engine
 from bentospec.packaging import bento_image
@@ -71,6 +72,11 @@ opea_app = build_opea_app(PromptTemplates())
 )
 class BentoSpec:
     """Serves the profile's target model with its speculative method."""
+
+    # The profile's embedded models, from BentoML's model store (`bentospec models prepare`):
+    # `bentoml build` packs them into the Bento, which then serves them as they are.
+    target_model = bento_model(PROFILE.model.id)
+    draft_model = bento_model(PROFILE.speculative.model if PROFILE.speculative else None)
 
     def __init__(self) -> None:
         # bentospec's INFO lines (models, engine runtime) at BentoML's own level: the worker's

@@ -15,6 +15,8 @@ need them, so importing this module stays cheap.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -126,6 +128,17 @@ class _Recipe(NamedTuple):
 
     build: Callable[[Path, Callable[[str], None], bool], None]
     steps: int
+
+
+@functools.cache
+def source_version() -> str:
+    """What the embedded models are built from, as a BentoML tag version: the GGUF's SHA-256
+    (its first 16 hex digits) and the recipe version. A new GGUF or recipe is a new version."""
+    digest = hashlib.sha256()
+    with _gguf_path().open("rb") as gguf:
+        while chunk := gguf.read(1 << 22):
+            digest.update(chunk)
+    return f"{digest.hexdigest()[:16]}-r{_RECIPE_VERSION}"
 
 
 def _is_complete(path: Path) -> bool:

@@ -1,6 +1,6 @@
-"""``bentospec models``' command line: build or download a profile's models ahead of serving.
+"""``bentospec models``' command line: store or download a profile's models ahead of serving.
 
-Resolving them is :mod:`bentospec.model_store`'s, building the embedded ones
+Storing and resolving them is :mod:`bentospec.model_store`'s, building the embedded ones
 :mod:`bentospec.model_build`'s; this module is the command.
 """
 
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from bentospec.model_store import resolve_model
+from bentospec.model_build import EMBEDDED_PREFIX
+from bentospec.model_store import resolve_model, store_embedded
 from bentospec.profile import load_profile
 
 
@@ -16,7 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     models = subparsers.add_parser("models", help="prepare the models a profile needs")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     prepare = models_sub.add_parser(
-        "prepare", help="build offline models / download hub models of a profile (idempotent)"
+        "prepare",
+        help="build a profile's embedded models into BentoML's model store / download its hub "
+        "models (idempotent)",
     )
     prepare.add_argument("--profile", default="cpu", help="profile name (default: cpu)")
     prepare.set_defaults(handler=run_prepare)
@@ -24,5 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     for ref in load_profile(args.profile).model_refs():
-        print(f"{ref} -> {resolve_model(ref)}")
+        if ref.startswith(EMBEDDED_PREFIX):
+            tag = store_embedded(ref.removeprefix(EMBEDDED_PREFIX))
+            print(f"{ref} -> {tag} ({resolve_model(ref)})")
+        else:
+            print(f"{ref} -> {resolve_model(ref)}")
     return 0

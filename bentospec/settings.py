@@ -65,7 +65,8 @@ CACHE: Variable[Path] = Variable(
     "BENTOSPEC_CACHE",
     _path,
     Path.home() / ".cache" / "bentospec",
-    "Where the embedded models are built once (and kept).",
+    "Where the embedded models are built once (and kept) before `bentospec models prepare` "
+    "stores them in BentoML's model store; a stored model or a Bento's own never needs it.",
     shown_default="`~/.cache/bentospec`",
 )
 API_KEY: Variable[str] = Variable(

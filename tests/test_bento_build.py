@@ -23,7 +23,10 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
+from bentospec.model_build import TARGET_MODEL
+from bentospec.model_store import stored_tag
 from bentospec.packaging import LOCK_PLATFORM, LOCKS, PYTHON_VERSION, SUFFIX_REQUIREMENTS, Lock
+from bentospec.profile import load_profile
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -34,8 +37,14 @@ REQUIREMENTS_INSTALL = "pip install -r $BENTO_PATH/env/python/requirements.txt"
 
 
 def build(profile_name: str, home: Path) -> Path:
-    """Build the Bento of profile ``profile_name`` into ``home`` with secrets in the environment."""
+    """Build the Bento of profile ``profile_name`` into ``home`` with secrets in the environment,
+    after ``bentospec models prepare`` put its embedded models in ``home``'s model store (a hub
+    profile's models are not fetched here: no hub)."""
     env = {**os.environ, **SECRETS, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    if not load_profile(profile_name).needs_hub_token():
+        bentospec = Path(sys.executable).with_name("bentospec")
+        prepare = [str(bentospec), "models", "prepare", "--profile", profile_name]
+        subprocess.run(prepare, cwd=ROOT, env=env, check=True, capture_output=True, timeout=900)
     subprocess.run(
         [sys.executable, "-m", "bentoml", "build", "--arg", f"profile={profile_name}"],
         cwd=ROOT,
@@ -126,6 +135,10 @@ def test_bento_builds_for_profile(
     assert manifest["services"][0]["config"]["resources"] == resources
     hub_envs = [e["name"] for e in manifest.get("envs", [])]
     assert hub_envs == (["HF_TOKEN"] if profile_name != "cpu" else [])
+    # The embedded model travels with the Bento (BentoML keeps it in the model store and packs
+    # it into an export); a hub model is fetched where the Bento runs.
+    declared = [model["tag"] for model in manifest["services"][0]["models"]]
+    assert declared == ([stored_tag(TARGET_MODEL)] if profile_name == "cpu" else [])
     for file in path.rglob("*"):
         if file.is_file():
             text = file.read_bytes()

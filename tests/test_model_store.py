@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from bentospec.model_build import (
     cache_dir,
     prepare_embedded,
 )
-from bentospec.model_store import resolve_model
+from bentospec.model_store import bento_model, resolve_model, stored_tag
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 PROMPTS = (
@@ -280,3 +283,48 @@ def test_build_replaces_stale_directory_and_orphans(target_dir: Path, tmp_cache:
         TARGET_MODEL,
     ]
     assert not [p for p in models.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def in_bentoml_home(home: Path, code: str, cache: Path | None = None) -> str:
+    """``code``'s stdout in a fresh interpreter with ``BENTOML_HOME=home`` (BentoML reads its
+    home once, at import) and, if given, ``BENTOSPEC_CACHE=cache``."""
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    if cache is not None:
+        env["BENTOSPEC_CACHE"] = str(cache)
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout.strip()
+
+
+STORE = "from bentospec.model_store import store_embedded; print(store_embedded({!r}))"
+STORED_VERSIONS = "import bentoml; print(len(bentoml.models.list({!r})))"
+RESOLVE = "from bentospec.model_store import resolve_model; print(resolve_model({!r}))"
+
+
+@pytest.mark.slow
+def test_prepared_models_are_stored_once_and_served_from_the_store(
+    target_dir: Path, tmp_path: Path
+) -> None:
+    """``models prepare`` imports the build into BentoML's store, tagged by what it was built
+    from; a second run keeps that version; resolving it then needs no cache at all."""
+    home = tmp_path / "bentoml"
+    tag = in_bentoml_home(home, STORE.format(TARGET_MODEL))
+    assert tag == stored_tag(TARGET_MODEL)
+    assert re.fullmatch(rf"bentospec-{TARGET_MODEL}:[0-9a-f]{{16}}-r\d+", tag)
+    assert in_bentoml_home(home, STORE.format(TARGET_MODEL)) == tag
+    assert in_bentoml_home(home, STORED_VERSIONS.format(tag.split(":")[0])) == "1"
+
+    (tmp_path / "file").write_text("")  # no directory can be made below a file, even by root
+    ref = f"{EMBEDDED_PREFIX}{TARGET_MODEL}"
+    resolved = Path(in_bentoml_home(home, RESOLVE.format(ref), cache=tmp_path / "file" / "c"))
+    assert resolved.is_relative_to(home / "models")
+    assert snapshot(target_dir).keys() <= snapshot(resolved).keys()  # BentoML adds model.yaml
+
+
+def test_only_embedded_models_are_declared_for_the_bento(tmp_path: Path) -> None:
+    declared = bento_model(f"{EMBEDDED_PREFIX}{TARGET_MODEL}")
+    assert declared is not None and str(declared.tag) == stored_tag(TARGET_MODEL)
+    for ref in (None, str(tmp_path), "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        assert bento_model(ref) is None

@@ -49,7 +49,14 @@ class Server:
     #: Answers 200 while the process lives, ready or not.
     live_path = "/livez"
 
-    def __init__(self, command: Sequence[str], port: int, log_path: Path, env: Mapping[str, str]):
+    def __init__(
+        self,
+        command: Sequence[str],
+        port: int,
+        log_path: Path,
+        env: Mapping[str, str],
+        cwd: Path = PROJECT_ROOT,
+    ):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
@@ -57,7 +64,7 @@ class Server:
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
             list(command),
-            cwd=PROJECT_ROOT,
+            cwd=cwd,
             env={**os.environ, **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
