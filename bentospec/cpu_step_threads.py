@@ -61,26 +61,28 @@ class StepThreads:
         self._placed = False
 
     def widen(self) -> None:
-        """Every core for the next forward pass; the first time, bind the threads OpenMP adds
-        to the reserved cores (OpenMP binds a new thread to the worker's cores, where it
-        would only take turns with the others)."""
-        if not self._placed:
-            before = thread_ids()
-            # vLLM replaces torch.set_num_threads to forbid changes after its binding.
-            torch._C.set_num_threads(self.wide)
-            torch.ones(1 << 20).sum()  # a parallel region: OpenMP starts its threads
-            added = thread_ids() - before
-            for tid in added:
-                os.sched_setaffinity(tid, self.reserved)
-            self._placed = True
-            logger.info(
-                "%s: wide steps on %d threads, %d of them on reserved cores %s",
-                PLUGIN_NAME,
-                self.wide,
-                len(added),
-                sorted(self.reserved),
-            )
+        """Every core for the next forward pass."""
+        # vLLM replaces torch.set_num_threads to forbid changes after its binding.
         torch._C.set_num_threads(self.wide)
+        if not self._placed:
+            self._place_new_threads()
+
+    def _place_new_threads(self) -> None:
+        """Bind the threads OpenMP adds to the reserved cores (it binds a new thread to the
+        worker's cores, where it would only take turns with the others)."""
+        before = thread_ids()
+        torch.ones(1 << 20).sum()  # a parallel region: OpenMP starts its threads
+        added = thread_ids() - before
+        for tid in added:
+            os.sched_setaffinity(tid, self.reserved)
+        self._placed = True
+        logger.info(
+            "%s: wide steps on %d threads, %d of them on reserved cores %s",
+            PLUGIN_NAME,
+            self.wide,
+            len(added),
+            sorted(self.reserved),
+        )
 
     def narrow_again(self) -> None:
         torch._C.set_num_threads(self.narrow)

@@ -40,6 +40,11 @@ def is_hub_reference(ref: str) -> bool:
     return not ref.startswith((EMBEDDED_PREFIX, "/", ".", "~")) and not Path(ref).is_dir()
 
 
+def embedded_name(ref: str | None) -> str | None:
+    """The embedded model ``ref`` names (``bentospec:<name>``), or ``None``."""
+    return ref.removeprefix(EMBEDDED_PREFIX) if ref and ref.startswith(EMBEDDED_PREFIX) else None
+
+
 def stored_tag(name: str) -> str:
     """The BentoML tag of the embedded model ``name``: ``bentospec-<name>:<version>``."""
     return f"bentospec-{name}:{source_version()}"
@@ -74,11 +79,12 @@ def store_embedded(name: str, *, progress: bool = True) -> str:
 def bento_model(ref: str | None) -> BentoModel | None:
     """The service's declaration of ``ref`` for its Bento: a ``BentoModel`` if ``ref`` is
     embedded, else ``None`` (local directories and hub models are not packed)."""
-    if ref is None or not ref.startswith(EMBEDDED_PREFIX):
+    name = embedded_name(ref)
+    if name is None:
         return None
     from bentoml.models import BentoModel
 
-    return BentoModel(stored_tag(ref.removeprefix(EMBEDDED_PREFIX)))
+    return BentoModel(stored_tag(name))
 
 
 def resolve_model(ref: str, *, token: str | None = None, progress: bool = True) -> str:
@@ -92,8 +98,7 @@ def resolve_model(ref: str, *, token: str | None = None, progress: bool = True) 
         ValueError: ``bentospec:<name>`` names no embedded model.
         ModelNotFoundError: the reference cannot be resolved to a directory.
     """
-    if ref.startswith(EMBEDDED_PREFIX):
-        name = ref.removeprefix(EMBEDDED_PREFIX)
+    if (name := embedded_name(ref)) is not None:
         stored = stored_path(name)
         return str(stored if stored is not None else prepare_embedded(name, progress=progress))
     local = Path(ref).expanduser()

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from bentospec.model_build import EMBEDDED_PREFIX
-from bentospec.model_store import resolve_model, store_embedded
+from bentospec.model_store import embedded_name, resolve_model, store_embedded
 from bentospec.profile import load_profile
 
 
@@ -27,9 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     for ref in load_profile(args.profile).model_refs():
-        if ref.startswith(EMBEDDED_PREFIX):
-            tag = store_embedded(ref.removeprefix(EMBEDDED_PREFIX))
-            print(f"{ref} -> {tag} ({resolve_model(ref)})")
+        if (name := embedded_name(ref)) is not None:
+            print(f"{ref} -> {store_embedded(name)} ({resolve_model(ref)})")
         else:
             print(f"{ref} -> {resolve_model(ref)}")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -56,6 +57,25 @@ def wait_for(condition: Callable[[], bool], seconds: float, interval: float = 0.
             return False
         time.sleep(interval)
     return True
+
+
+def in_bentoml_home(home: Path, *argv: str, env: dict[str, str] | None = None) -> str:
+    """The stdout of ``argv`` run with ``BENTOML_HOME=home`` (BentoML reads its home once, at
+    import, so a test's own home needs a process of its own) and ``env``; fails on an error."""
+    run = subprocess.run(
+        list(argv),
+        env={
+            **os.environ,
+            "BENTOML_HOME": str(home),
+            "BENTOML_DO_NOT_TRACK": "true",
+            **(env or {}),
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, f"{argv}: {run.stderr[-3000:]}"
+    return run.stdout.strip()
 
 
 def catalogue() -> list[Profile]:

@@ -4,8 +4,6 @@ a container or another machine would (issue 20)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,35 +14,25 @@ import yaml
 from bentospec.bench.servers import Server, free_port
 from bentospec.model_build import TARGET_MODEL
 from bentospec.model_store import stored_tag
-from tests.conftest import ROOT
+from tests.conftest import ROOT, in_bentoml_home
 from tests.test_bento_build import build
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-
-def bentoml(home: Path, *args: str) -> str:
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    return subprocess.run(
-        [sys.executable, "-m", "bentoml", *args],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    ).stdout
+BENTOML = (sys.executable, "-m", "bentoml")
 
 
 def test_an_imported_bento_serves_its_model_with_no_writable_cache(tmp_path: Path) -> None:
     build_home, serve_home = tmp_path / "build-home", tmp_path / "serve-home"
     bento = build("cpu", build_home)
     tag = f"bentospec:{bento.name}"
-    listed = yaml.safe_load(bentoml(build_home, "get", tag, "-o", "yaml"))
+    listed = yaml.safe_load(in_bentoml_home(build_home, *BENTOML, "get", tag, "-o", "yaml"))
     declared = [model["tag"] for model in listed["services"][0]["models"]]
     assert declared == [stored_tag(TARGET_MODEL)]
 
     archive = tmp_path / "bentospec.bento"
-    bentoml(build_home, "export", tag, str(archive))
-    bentoml(serve_home, "import", str(archive))
+    in_bentoml_home(build_home, *BENTOML, "export", tag, str(archive))
+    in_bentoml_home(serve_home, *BENTOML, "import", str(archive))
     assert (serve_home / "models" / stored_tag(TARGET_MODEL).replace(":", "/")).is_dir()
     # Even root cannot create a directory below a regular file: no cache can be written.
     (tmp_path / "not-a-directory").write_text("")

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +30,8 @@ from bentospec.model_build import (
     cache_dir,
     prepare_embedded,
 )
-from bentospec.model_store import bento_model, resolve_model, stored_tag
+from bentospec.model_store import bento_model, resolve_model, stored_path, stored_tag
+from tests.conftest import in_bentoml_home
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 PROMPTS = (
@@ -187,7 +186,10 @@ def test_prepare_is_idempotent(target_dir: Path, draft_dir: Path) -> None:
     for name, directory in ((TARGET_MODEL, target_dir), (DRAFT_MODEL, draft_dir)):
         before = snapshot(directory)
         assert prepare_embedded(name, progress=False) == directory
-        assert resolve_model(EMBEDDED_PREFIX + name, progress=False) == str(directory)
+        # The model store's copy where `models prepare` made one (this machine's home), else
+        # the cache's build.
+        expected = stored_path(name) or directory
+        assert resolve_model(EMBEDDED_PREFIX + name, progress=False) == str(expected)
         assert snapshot(directory) == before
     assert target_dir == cache_dir() / "models" / TARGET_MODEL
 
@@ -285,22 +287,13 @@ def test_build_replaces_stale_directory_and_orphans(target_dir: Path, tmp_cache:
     assert not [p for p in models.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-def in_bentoml_home(home: Path, code: str, cache: Path | None = None) -> str:
-    """``code``'s stdout in a fresh interpreter with ``BENTOML_HOME=home`` (BentoML reads its
-    home once, at import) and, if given, ``BENTOSPEC_CACHE=cache``."""
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    if cache is not None:
-        env["BENTOSPEC_CACHE"] = str(cache)
-    run = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout.strip()
-
-
 STORE = "from bentospec.model_store import store_embedded; print(store_embedded({!r}))"
 STORED_VERSIONS = "import bentoml; print(len(bentoml.models.list({!r})))"
 RESOLVE = "from bentospec.model_store import resolve_model; print(resolve_model({!r}))"
+
+
+def python_in(home: Path, code: str, **env: str) -> str:
+    return in_bentoml_home(home, sys.executable, "-c", code, env=env)
 
 
 @pytest.mark.slow
@@ -310,15 +303,16 @@ def test_prepared_models_are_stored_once_and_served_from_the_store(
     """``models prepare`` imports the build into BentoML's store, tagged by what it was built
     from; a second run keeps that version; resolving it then needs no cache at all."""
     home = tmp_path / "bentoml"
-    tag = in_bentoml_home(home, STORE.format(TARGET_MODEL))
+    tag = python_in(home, STORE.format(TARGET_MODEL))
     assert tag == stored_tag(TARGET_MODEL)
     assert re.fullmatch(rf"bentospec-{TARGET_MODEL}:[0-9a-f]{{16}}-r\d+", tag)
-    assert in_bentoml_home(home, STORE.format(TARGET_MODEL)) == tag
-    assert in_bentoml_home(home, STORED_VERSIONS.format(tag.split(":")[0])) == "1"
+    assert python_in(home, STORE.format(TARGET_MODEL)) == tag
+    assert python_in(home, STORED_VERSIONS.format(tag.split(":")[0])) == "1"
 
     (tmp_path / "file").write_text("")  # no directory can be made below a file, even by root
     ref = f"{EMBEDDED_PREFIX}{TARGET_MODEL}"
-    resolved = Path(in_bentoml_home(home, RESOLVE.format(ref), cache=tmp_path / "file" / "c"))
+    no_cache = str(tmp_path / "file" / "cache")
+    resolved = Path(python_in(home, RESOLVE.format(ref), BENTOSPEC_CACHE=no_cache))
     assert resolved.is_relative_to(home / "models")
     assert snapshot(target_dir).keys() <= snapshot(resolved).keys()  # BentoML adds model.yaml
 
