@@ -73,7 +73,7 @@ opea_app = build_opea_app(PromptTemplates())
 class BentoSpec:
     """Serves the profile's target model with its speculative method."""
 
-    # The profile's embedded models, from BentoML's model store (`bentospec models prepare`):
+    # The profile's embedded models once in BentoML's model store (`bentospec models prepare`):
     # `bentoml build` packs them into the Bento, which then serves them as they are.
     target_model = bento_model(PROFILE.model.id)
     draft_model = bento_model(PROFILE.speculative.model if PROFILE.speculative else None)

